@@ -1,0 +1,51 @@
+"""pgolf quantization: SDClip + GPTQ codes and the versioned PGQ artifact container.
+
+A flat package that tools/build_record.py inlines into the packed train_gpt.py: stdlib, numpy, torch, brotli and
+zstandard only; no module-level state. `python -m quant inspect ARTIFACT` explains an artifact's bytes.
+"""
+
+from quant.codec import (
+    ARTIFACT_CODECS,
+    ARTIFACT_VERSION,
+    ArtifactError,
+    compress_bytes,
+    decode_artifact,
+    decompress_bytes,
+    encode_artifact,
+    load_artifact,
+    parse_artifact,
+    save_artifact,
+)
+from quant.gptq import (
+    QTensor,
+    accumulate_hessian,
+    dequantize,
+    describe,
+    gptq_quantize_weight,
+    quantize_state_dict,
+)
+from quant.pack import byte_shuffle, byte_unshuffle
+from quant.sdclip import quantize_rtn, sdclip_scale
+
+__all__ = [
+    "ARTIFACT_CODECS",
+    "ARTIFACT_VERSION",
+    "ArtifactError",
+    "QTensor",
+    "accumulate_hessian",
+    "byte_shuffle",
+    "byte_unshuffle",
+    "compress_bytes",
+    "decode_artifact",
+    "decompress_bytes",
+    "dequantize",
+    "describe",
+    "encode_artifact",
+    "gptq_quantize_weight",
+    "load_artifact",
+    "parse_artifact",
+    "quantize_rtn",
+    "quantize_state_dict",
+    "save_artifact",
+    "sdclip_scale",
+]

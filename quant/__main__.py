@@ -1,0 +1,84 @@
+"""`python -m quant inspect ARTIFACT`: where an artifact's bytes go, and how close they are to the entropy bound."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+
+import torch
+
+from quant.codec import ArtifactError, compress_bytes, parse_artifact
+from quant.gptq import QTensor
+from quant.pack import byte_shuffle
+
+
+def order0_bits(values: torch.Tensor) -> float:
+    """Total order-0 (empirical, memoryless) entropy in bits of a tensor's elements, each element one symbol."""
+    if values.numel() == 0:
+        return 0.0
+    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[values.element_size()]
+    _, counts = torch.unique(values.reshape(-1).view(ints), return_counts=True)
+    p = counts.double() / values.numel()
+    return max(0.0, float(-(counts.double() * p.log2()).sum()))
+
+
+def tensor_bytes(qt: QTensor) -> bytes:
+    """A tensor's payload bytes laid out as in the artifact (codes raw; fp16 scales / passthrough byte-shuffled)."""
+    if qt.kind == "passthrough":
+        return byte_shuffle(qt.data.reshape(-1).view(torch.uint8).numpy().tobytes(), 2)
+    return qt.codes.numpy().tobytes() + byte_shuffle(qt.scale.numpy().tobytes(), 2)
+
+
+def inspect(path: str) -> None:
+    with open(path, "rb") as f:
+        blob = f.read()
+    m, qts = parse_artifact(blob)
+    compressed = m["compressed_bytes"]
+    print(f"artifact {path}: {len(blob):,} bytes = header+manifest {len(blob) - compressed:,} + "
+          f"compressed payload {compressed:,} (decompressed {m['payload_bytes']:,})")
+    print(f"format version {blob[3]} | codec {m['codec']} | packing {m['packing']} (codes one per byte, contiguous per "
+          f"tensor) | scales+passthrough byte-shuffled, stride {m['shuffle']}")
+    print(f"share: each tensor's bytes compressed alone with {m['codec']} (artifact settings), scaled so the shares sum "
+          f"to the compressed payload; H0: order-0 entropy of the codes (passthrough: of the stored values), "
+          f"bound = H0 of codes + H0 of the fp16 scales (16-bit symbols)", flush=True)
+    alone = [len(compress_bytes(tensor_bytes(qt), m["codec"])) for qt in qts]
+    k = compressed / max(1, sum(alone))
+    rows, tot_raw, tot_bound = [], 0, 0.0
+    for qt, a in zip(qts, alone, strict=True):
+        if qt.kind == "passthrough":
+            sym, n, raw = order0_bits(qt.data), qt.data.numel(), qt.data.numel() * qt.data.element_size()
+            bound, label = sym / 8, f"{qt.kind} {str(qt.data.dtype).removeprefix('torch.')}"
+        else:
+            sym, n, raw = order0_bits(qt.codes), qt.codes.numel(), qt.codes.numel() + 2 * qt.shape[0]
+            bound, label = (sym + order0_bits(qt.scale)) / 8, f"{qt.kind} int{qt.bits}"
+        tot_raw += raw
+        tot_bound += bound
+        rows.append((qt.name, "x".join(map(str, qt.shape)) or "scalar", label, qt.dtype, f"{raw:,}", f"{a * k:,.0f}",
+                     f"{100 * a * k / max(1, compressed):.2f}%", f"{sym / max(1, n):.3f}", f"{math.ceil(bound):,}"))
+    head = ("name", "shape", "kind", "dtype", "raw bytes", "share bytes", "share", "H0 bits/sym", "H0 bytes")
+    rows.append(("TOTAL", "", f"{len(qts)} tensors", "", f"{tot_raw:,}", f"{compressed:,}", "100.00%", "",
+                 f"{math.ceil(tot_bound):,}"))
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    for r in [head, *rows]:
+        print("  ".join(c.ljust(w) if i < 4 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))))
+    print(f"entropy bound: compressed payload {compressed:,} / order-0 bound {math.ceil(tot_bound):,} bytes "
+          f"= {compressed / max(1.0, tot_bound):.4f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m quant", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("inspect", help="print the manifest, per-tensor compressed shares and order-0 entropy bounds")
+    p.add_argument("artifact", help="path to a PGQ artifact (e.g. final_model.int6.ptz)")
+    args = parser.parse_args(argv)
+    try:
+        inspect(args.artifact)
+    except (ArtifactError, OSError) as e:
+        print(f"error: {args.artifact}: {(e.strerror or e) if isinstance(e, OSError) else e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,266 @@
+"""The artifact container: magic + version header, length-prefixed JSON manifest, one compressed payload.
+
+Layout (little-endian): b"PGQ" | version u8 | manifest length u32 | manifest CRC-32 u32 | manifest (sorted-key JSON,
+brotli-11, since size margins are a few KB) | compressed payload. The decompressed payload is the codes region (each
+quantized tensor's int8 codes, contiguous, in manifest order) then the side region (fp16 scales and passthrough data
+in manifest order), byte-shuffled with stride 2 as it is almost all fp16. The loader checks every length, offset and
+checksum before allocating, caps and bounds every decompression, and never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import json
+import lzma
+import os
+import struct
+import tempfile
+import zlib
+
+import brotli
+import torch
+import zstandard
+
+from quant.gptq import QTensor
+from quant.pack import byte_shuffle, byte_unshuffle
+
+__all__ = [
+    "ARTIFACT_CODECS",
+    "ARTIFACT_VERSION",
+    "ArtifactError",
+    "compress_bytes",
+    "decode_artifact",
+    "decompress_bytes",
+    "encode_artifact",
+    "load_artifact",
+    "parse_artifact",
+    "save_artifact",
+]
+
+ARTIFACT_MAGIC = b"PGQ"
+ARTIFACT_VERSION = 1
+ARTIFACT_CODECS = ("brotli", "zstd", "lzma")
+ARTIFACT_MAX_BYTES = 1 << 28  # default cap on the decompressed payload (a record's is ~37 MB)
+_MANIFEST_MAX_BYTES = 1 << 24  # cap on the decompressed manifest (~160 bytes per tensor)
+_HEADER = struct.Struct("<3sBII")  # magic, version, manifest length, manifest crc32
+_DTYPES = ("float32", "float16", "bfloat16", "float64", "int8", "uint8", "int16", "int32", "int64", "bool")
+
+
+class ArtifactError(ValueError):
+    """Any fault in an artifact file: one exception type with a one-line message."""
+
+
+def compress_bytes(data: bytes, codec: str) -> bytes:
+    """Compress with brotli quality 11, zstd level 22 or lzma preset 9e (all deterministic)."""
+    if codec == "brotli":
+        return brotli.compress(data, quality=11)
+    if codec == "zstd":
+        return zstandard.ZstdCompressor(level=22).compress(data)
+    if codec == "lzma":
+        return lzma.compress(data, preset=9 | lzma.PRESET_EXTREME)
+    raise ValueError(f"unknown codec {codec!r}; expected one of {', '.join(ARTIFACT_CODECS)}")
+
+
+def decompress_bytes(data: bytes, codec: str, limit: int) -> bytes:
+    """Decompress at most `limit` bytes: output is produced in bounded steps, so a bomb stops at the cap."""
+    try:
+        if codec == "brotli":
+            d, parts, total = brotli.Decompressor(), [], 0
+            chunk = d.process(data, output_buffer_limit=limit + 1)
+            while True:
+                parts.append(chunk)
+                total += len(chunk)
+                if total > limit or d.is_finished():
+                    break
+                if d.can_accept_more_data():
+                    raise ArtifactError(f"{codec} stream is truncated")
+                chunk = d.process(b"", output_buffer_limit=limit + 1 - total)
+            out = b"".join(parts)
+        elif codec == "zstd":
+            dctx = zstandard.ZstdDecompressor(max_window_size=1 << max(10, min(31, limit.bit_length())))
+            with dctx.stream_reader(data) as reader:
+                out = reader.read(limit + 1)
+        elif codec == "lzma":
+            d = lzma.LZMADecompressor(format=lzma.FORMAT_XZ, memlimit=1 << 27)
+            out = d.decompress(data, max_length=limit + 1)
+            if len(out) <= limit and not d.eof:
+                raise ArtifactError(f"{codec} stream is truncated")
+        else:
+            raise ArtifactError(f"unknown codec {codec!r}")
+    except (brotli.error, zstandard.ZstdError, lzma.LZMAError, MemoryError) as e:
+        raise ArtifactError(f"{codec} stream does not decompress: {e}") from None
+    if len(out) > limit:
+        raise ArtifactError(f"{codec} stream decompresses to more than the {limit:,} bytes allowed")
+    return out
+
+
+def _artifact_layout(entries: list[dict]) -> tuple[int, int, list[dict]]:
+    """Spans [offset, length] of every tensor's codes / scale / data in the payload; returns (codes, total, spans)."""
+    codes_end, spans = 0, []
+    for e in entries:
+        numel = 1
+        for n in e["shape"]:
+            numel *= n
+        if e["kind"] == "passthrough":
+            spans.append({"data": numel * torch.empty(0, dtype=getattr(torch, e["store"])).element_size()})
+        else:
+            spans.append({"codes": [codes_end, numel], "scale": 2 * e["shape"][0]})
+            codes_end += numel
+    side = codes_end
+    for s in spans:
+        key = "data" if "data" in s else "scale"
+        s[key] = [side, s[key]]
+        side += s[key][1]
+    return codes_end, side, spans
+
+
+def encode_artifact(qtensors: list[QTensor], codec: str = "brotli") -> bytes:
+    """Serialize QTensors (in list order) into artifact bytes; the same input gives byte-identical output."""
+    entries, codes, side = [], [], []
+    for qt in qtensors:
+        if qt.dtype not in _DTYPES:
+            raise ValueError(f"encode_artifact: {qt.name} has unsupported dtype {qt.dtype}")
+        e = {"name": qt.name, "shape": list(qt.shape), "dtype": qt.dtype, "kind": qt.kind}
+        if qt.kind == "passthrough":
+            e["store"] = str(qt.data.dtype).removeprefix("torch.")
+            side.append(qt.data.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        else:
+            if qt.codes.dtype != torch.int8 or tuple(qt.codes.shape) != qt.shape or qt.scale.dtype != torch.float16:
+                raise ValueError(f"encode_artifact: {qt.name} needs int8 codes of shape {qt.shape} and fp16 scales")
+            e["bits"] = qt.bits
+            codes.append(qt.codes.contiguous().numpy().tobytes())
+            side.append(qt.scale.contiguous().numpy().tobytes())
+        entries.append(e)
+    codes_bytes, payload_bytes, spans = _artifact_layout(entries)
+    for e, s in zip(entries, spans, strict=True):
+        e.update(s)
+    compressed = compress_bytes(b"".join(codes) + byte_shuffle(b"".join(side), 2), codec)
+    manifest = {
+        "codec": codec, "packing": "int8", "shuffle": 2, "codes_bytes": codes_bytes, "payload_bytes": payload_bytes,
+        "compressed_bytes": len(compressed), "compressed_crc32": zlib.crc32(compressed), "tensors": entries,
+    }
+    m = brotli.compress(json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode(), quality=11)
+    return _HEADER.pack(ARTIFACT_MAGIC, ARTIFACT_VERSION, len(m), zlib.crc32(m)) + m + compressed
+
+
+def _need(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ArtifactError(msg)
+
+
+def _is_int(x: object, lo: int = 0, hi: int = 1 << 62) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and lo <= x <= hi
+
+
+def _check_entry(e: object, i: int) -> None:
+    """Schema of one manifest tensor entry (types and ranges; spans are checked against the layout afterwards)."""
+    _need(isinstance(e, dict), f"manifest tensor #{i} is not an object")
+    name = e.get("name")
+    _need(isinstance(name, str) and 0 < len(name) <= 512, f"manifest tensor #{i} has a bad name")
+    shape, kind, dtype = e.get("shape"), e.get("kind"), e.get("dtype")
+    _need(isinstance(shape, list) and len(shape) <= 8 and all(_is_int(n, 0, 1 << 40) for n in shape),
+          f"{name}: bad shape {shape!r}")
+    _need(dtype in _DTYPES, f"{name}: unsupported dtype {dtype!r}")
+    if kind == "passthrough":
+        store = "float16" if getattr(torch, dtype).is_floating_point else dtype
+        _need(e.get("store") == store, f"{name}: {dtype} passthrough must be stored as {store}")
+        keys = {"name", "shape", "dtype", "kind", "store", "data"}
+    else:
+        _need(kind in ("gptq", "rtn"), f"{name}: unknown kind {kind!r}")
+        _need(len(shape) == 2 and getattr(torch, dtype).is_floating_point, f"{name}: quantized tensors are 2-D floats")
+        _need(_is_int(e.get("bits"), 2, 8), f"{name}: bits must be 2..8, got {e.get('bits')!r}")
+        keys = {"name", "shape", "dtype", "kind", "bits", "codes", "scale"}
+    _need(set(e) == keys, f"{name}: manifest keys {sorted(e)} != {sorted(keys)}")
+
+
+def parse_artifact(blob: bytes, max_decompressed_bytes: int = ARTIFACT_MAX_BYTES) -> tuple[dict, list[QTensor]]:
+    """Validate and decode artifact bytes into (manifest, QTensors); every fault raises ArtifactError."""
+    _need(len(blob) >= _HEADER.size, f"truncated: {len(blob)} bytes is shorter than the {_HEADER.size}-byte header")
+    magic, version, mlen, mcrc = _HEADER.unpack_from(blob)
+    _need(magic == ARTIFACT_MAGIC, "not a pgolf quant artifact (bad magic)")
+    _need(version == ARTIFACT_VERSION, f"artifact format version {version}; this loader reads version {ARTIFACT_VERSION}")
+    _need(mlen <= len(blob) - _HEADER.size, f"manifest length {mlen:,} exceeds the file ({len(blob):,} bytes)")
+    mbytes = blob[_HEADER.size:_HEADER.size + mlen]
+    _need(zlib.crc32(mbytes) == mcrc, "manifest checksum mismatch (corrupt file)")
+    mbytes = decompress_bytes(mbytes, "brotli", _MANIFEST_MAX_BYTES)
+    try:
+        m = json.loads(mbytes)
+    except (ValueError, RecursionError) as e:
+        raise ArtifactError(f"manifest is not valid JSON: {e}") from None
+    _need(isinstance(m, dict), "manifest is not a JSON object")
+    keys = {"codec", "packing", "shuffle", "codes_bytes", "payload_bytes", "compressed_bytes", "compressed_crc32",
+            "tensors"}
+    _need(set(m) == keys, f"manifest keys {sorted(m)} != {sorted(keys)}")
+    _need(m["codec"] in ARTIFACT_CODECS, f"unknown codec {m['codec']!r}")
+    _need(m["packing"] == "int8", f"unknown packing {m['packing']!r}")
+    _need(_is_int(m["shuffle"], 1, 16), f"bad shuffle stride {m['shuffle']!r}")
+    payload = blob[_HEADER.size + mlen:]
+    _need(m["compressed_bytes"] == len(payload),
+          f"payload is {len(payload):,} bytes but the manifest says {m['compressed_bytes']!r} (truncated file?)")
+    _need(zlib.crc32(payload) == m["compressed_crc32"], "payload checksum mismatch (corrupt file)")
+    _need(isinstance(m["tensors"], list), "manifest 'tensors' is not a list")
+    for i, e in enumerate(m["tensors"]):
+        _check_entry(e, i)
+    names = [e["name"] for e in m["tensors"]]
+    _need(len(set(names)) == len(names), "duplicate tensor names in the manifest")
+    codes_bytes, payload_bytes, spans = _artifact_layout(m["tensors"])
+    _need(m["codes_bytes"] == codes_bytes and m["payload_bytes"] == payload_bytes,
+          f"manifest sizes ({m['codes_bytes']!r}, {m['payload_bytes']!r}) disagree with the tensor shapes "
+          f"({codes_bytes:,}, {payload_bytes:,})")
+    for e, s in zip(m["tensors"], spans, strict=True):
+        _need(all(e[k] == v for k, v in s.items()), f"{e['name']}: offsets/lengths disagree with its shape and dtype")
+    _need(payload_bytes <= max_decompressed_bytes,
+          f"payload of {payload_bytes:,} bytes exceeds the cap of {max_decompressed_bytes:,} bytes")
+    raw = decompress_bytes(payload, m["codec"], payload_bytes)
+    _need(len(raw) == payload_bytes, f"payload decompresses to {len(raw):,} bytes, manifest says {payload_bytes:,}")
+    raw = raw[:codes_bytes] + byte_unshuffle(raw[codes_bytes:], m["shuffle"])
+
+    def tensor(span: list[int], dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
+        if span[1] == 0:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(bytearray(raw[span[0]:span[0] + span[1]]), dtype=dtype).reshape(shape)
+
+    out = []
+    for e, s in zip(m["tensors"], spans, strict=True):  # slice with the computed spans, equal to the manifest's
+        shape = tuple(e["shape"])
+        if e["kind"] == "passthrough":
+            data = tensor(s["data"], getattr(torch, e["store"]), e["shape"])
+            out.append(QTensor(e["name"], shape, e["dtype"], "passthrough", data=data))
+            continue
+        codes = tensor(s["codes"], torch.int8, e["shape"])
+        clip_range = 2 ** (e["bits"] - 1) - 1
+        if codes.numel():
+            lo, hi = torch.aminmax(codes)
+            _need(-clip_range <= lo and hi <= clip_range, f"{e['name']}: codes exceed ±{clip_range} for int{e['bits']}")
+        scale = tensor(s["scale"], torch.float16, [shape[0]])
+        out.append(QTensor(e["name"], shape, e["dtype"], e["kind"], e["bits"], codes, scale))
+    return m, out
+
+
+def decode_artifact(blob: bytes, max_decompressed_bytes: int = ARTIFACT_MAX_BYTES) -> list[QTensor]:
+    """QTensors from artifact bytes (see `parse_artifact`)."""
+    return parse_artifact(blob, max_decompressed_bytes)[1]
+
+
+def save_artifact(path: str | os.PathLike, blob: bytes) -> None:
+    """Write atomically: a temp file in the same directory, then os.replace."""
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".artifact-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(blob)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def load_artifact(path: str | os.PathLike, max_decompressed_bytes: int = ARTIFACT_MAX_BYTES) -> list[QTensor]:
+    """Read and decode an artifact file; unreadable or oversized files raise ArtifactError too."""
+    try:
+        size = os.path.getsize(path)
+        _need(size <= max_decompressed_bytes + (1 << 24), f"{path}: {size:,} bytes is larger than any valid artifact")
+        with open(path, "rb") as f:
+            blob = f.read()
+    except OSError as e:
+        raise ArtifactError(f"cannot read {path}: {e.strerror or e}") from None
+    return decode_artifact(blob, max_decompressed_bytes)

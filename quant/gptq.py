@@ -1,0 +1,159 @@
+"""Full-Hessian GPTQ with actorder and fixed SDClip scales, plus the state-dict level API used by the trainer."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from quant.sdclip import quantize_rtn, sdclip_scale
+
+__all__ = [
+    "QTensor",
+    "accumulate_hessian",
+    "dequantize",
+    "describe",
+    "gptq_quantize_weight",
+    "quantize_state_dict",
+]
+
+
+def accumulate_hessian(H: Tensor | None, x: Tensor) -> Tensor:
+    """Return `H + XᵀX` in fp32 for x flattened to [tokens, in_features]; H is updated in place (created if None)."""
+    x = x.detach().reshape(-1, x.shape[-1]).float()
+    if H is None:
+        return x.T @ x
+    return H.addmm_(x.T, x)
+
+
+def _gptq_inverse_factor(H: Tensor) -> Tensor:
+    """Upper Cholesky factor U of H⁻¹ (H already damped); more damping if H is not numerically PD, identity (RTN) last."""
+    eye = torch.eye(H.shape[0], dtype=H.dtype)
+    mean_diag = H.diagonal().mean()
+    for extra in (0.0, 0.1, 1.0, 10.0):
+        L, info = torch.linalg.cholesky_ex(H + extra * mean_diag * eye)
+        if info == 0:
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if info == 0 and bool(torch.isfinite(U).all()):
+                return U
+    return eye
+
+
+def gptq_quantize_weight(w: Tensor, H: Tensor, scale: Tensor, clip_range: int, block_size: int = 128) -> Tensor:
+    """GPTQ codes (int8 [rows, cols], original column order) for w with input Hessian H ≈ XᵀX [cols, cols].
+
+    GPTQ (Frantar et al. 2022, arXiv:2210.17323) with actorder and full-Hessian error feedback, as in PR #1493: each
+    column is rounded at the fixed per-row step `scale` (SDClip, never re-fitted), and its rounding error, divided by
+    U[j, j], is pushed onto the not-yet-quantized columns through the rows of U = chol(H⁻¹)ᵀ. This minimizes the
+    layer-output error ‖XWᵀ − XQᵀ‖ greedily; with H = I it reduces to round-to-nearest.
+    """
+    rows, cols = w.shape
+    if H.shape != (cols, cols) or scale.shape != (rows,):
+        raise ValueError(f"gptq: w {tuple(w.shape)} needs H ({cols}, {cols}) and scale ({rows},), "
+                         f"got {tuple(H.shape)} and {tuple(scale.shape)}")
+    W = w.detach().float().clone()
+    H = H.detach().float().clone()
+    dead = H.diagonal() == 0  # inputs that never fire: their weights cannot matter, so code them as 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    H.diagonal().add_(0.01 * H.diagonal().mean())  # 1% damping
+    perm = torch.argsort(H.diagonal(), descending=True, stable=True)  # actorder: most active inputs first
+    W, H = W[:, perm], H[perm][:, perm]
+    U = _gptq_inverse_factor(H)
+    s = scale.float()
+    Q = torch.zeros(rows, cols, dtype=torch.int8)
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
+        Err1 = torch.zeros_like(W1)
+        for j in range(i2 - i1):
+            q = torch.round(W1[:, j] / s).clamp_(-clip_range, clip_range)
+            Q[:, i1 + j] = q.to(torch.int8)
+            err = (W1[:, j] - q * s) / U1[j, j]
+            W1[:, j:] -= err[:, None] * U1[j, j:][None, :]  # in-block error feedback
+            Err1[:, j] = err
+        W[:, i2:] -= Err1 @ U[i1:i2, i2:]  # lazy batch update of the remaining blocks
+    return Q[:, torch.argsort(perm)]
+
+
+@dataclass(frozen=True, eq=False)
+class QTensor:
+    """One entry of a quantized state dict: either codes (int8 [rows, cols]) + scale (fp16 [rows]), or passthrough data.
+
+    `kind` is "gptq", "rtn" or "passthrough"; `bits` is the code width (0 for passthrough); `dtype` names the original
+    dtype restored by `dequantize`; `data` holds passthrough values (fp16 for floats, the original dtype otherwise).
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    kind: str
+    bits: int = 0
+    codes: Tensor | None = None
+    scale: Tensor | None = None
+    data: Tensor | None = None
+
+
+def quantize_state_dict(
+    state: dict[str, Tensor],
+    hessians: dict[str, Tensor],
+    *,
+    matrix_bits: int = 6,
+    matrix_clip_sigmas: float = 12.85,
+    embed_bits: int = 8,
+    embed_clip_sigmas: float = 20.0,
+    embed_names: tuple[str, ...] = ("tok_emb.weight",),
+    passthrough_numel: int = 65536,
+    method: str = "gptq",
+) -> list[QTensor]:
+    """Quantize a state dict in its order: 2-D floats above `passthrough_numel` elements get SDClip codes (GPTQ with
+    their Hessian, round-to-nearest without one or with method="rtn"); everything else is passthrough (floats as fp16).
+
+    Embeddings (`embed_names`) use the embed bits/sigmas and are GPTQ'd as the tied output head: rows = vocab,
+    Hessian of the final hidden states (PR #1493).
+    """
+    if method not in ("gptq", "rtn"):
+        raise ValueError(f"quantize_state_dict: method must be 'gptq' or 'rtn', got {method!r}")
+    out = []
+    for name, t in state.items():
+        t = t.detach().cpu()
+        dtype = str(t.dtype).removeprefix("torch.")
+        if not t.is_floating_point() or t.ndim != 2 or t.numel() <= passthrough_numel:
+            data = t.half() if t.is_floating_point() else t.clone()
+            out.append(QTensor(name, tuple(t.shape), dtype, "passthrough", data=data.contiguous()))
+            continue
+        embed = name in embed_names
+        bits = embed_bits if embed else matrix_bits
+        clip_range = 2 ** (bits - 1) - 1
+        scale = sdclip_scale(t, embed_clip_sigmas if embed else matrix_clip_sigmas, clip_range)
+        H = hessians.get(name)
+        if method == "gptq" and H is not None:
+            codes, kind = gptq_quantize_weight(t, H.cpu(), scale, clip_range), "gptq"
+        else:
+            codes, kind = quantize_rtn(t, scale, clip_range), "rtn"
+        out.append(QTensor(name, tuple(t.shape), dtype, kind, bits, codes.contiguous(), scale))
+    return out
+
+
+def dequantize(qtensors: list[QTensor]) -> dict[str, Tensor]:
+    """State dict back from QTensors: `W = q·s[:, None]` (fp32 math) or passthrough data, cast to the original dtype."""
+    out = {}
+    for qt in qtensors:
+        dtype = getattr(torch, qt.dtype)
+        if qt.kind == "passthrough":
+            out[qt.name] = qt.data.to(dtype).reshape(qt.shape)
+        else:
+            out[qt.name] = (qt.codes.float() * qt.scale.float()[:, None]).to(dtype)
+    return out
+
+
+def describe(qtensors: list[QTensor]) -> list[str]:
+    """Upstream's `Quantized weights:` lines, one per category, names with layer indices collapsed, sorted unique."""
+    groups: dict[str, set[str]] = {}
+    for qt in qtensors:
+        label = (f"passthrough ({str(qt.data.dtype).removeprefix('torch.')})" if qt.kind == "passthrough"
+                 else f"{qt.kind} (int{qt.bits})")
+        groups.setdefault(label, set()).add(re.sub(r"\.\d+(?=\.|$)", "", qt.name))
+    return [f"{label}: {', '.join(sorted(names))}" for label, names in sorted(groups.items())]
