@@ -32,7 +32,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 # >>> inline quant (tools/build_record.py replaces this block with the quant/ sources)
-# QUANT_IMPORT_PENDING
+from quant import (
+    accumulate_hessian,
+    dequantize,
+    describe,
+    encode_artifact,
+    load_artifact,
+    quantize_state_dict,
+    save_artifact,
+)
+
 # <<< inline quant
 
 try:  # FlashAttention-3 on Hopper (requirements-gpu.txt); SDPA everywhere else
@@ -41,7 +50,6 @@ except ImportError:
     _fa3_func = None
 
 ARTIFACT_LIMIT_BYTES = 16_000_000  # decimal, code + compressed model
-PASSTHROUGH_NUMEL = 65_536  # float tensors this small are stored fp16, not quantized
 
 # -----------------------------------------------------------------------------
 # CONFIG: one frozen dataclass; defaults are record P (PR #1493) as it ran; env vars override (upper-case names)
@@ -124,6 +132,7 @@ class Config:
     embed_bits: int = 8
     embed_clip_sigmas: float = 20.0
     compressor: str = "brotli"
+    passthrough_numel: int = 65_536  # float tensors with at most this many elements are stored fp16, not quantized
 
     def __post_init__(self) -> None:
         def need(ok: bool, msg: str) -> None:
@@ -215,7 +224,7 @@ class Logger:
             return
         if console:
             print(msg, flush=True)
-        with open(self.path, "a") as f:
+        with open(self.path, "a", encoding="utf-8") as f:
             f.write(msg + "\n")
 
 
@@ -714,9 +723,10 @@ def bpb_from_sums(sums: Tensor) -> tuple[float, float]:
 @torch.no_grad()
 def score_windows(logits_fn: Callable[[Tensor], Tensor], tokens: Tensor, starts: np.ndarray, seq_len: int,
                   stride: int, luts: tuple[Tensor, Tensor, Tensor], batch_windows: int, device: torch.device,
-                  amp: Callable, nll_out: Tensor | None = None) -> Tensor:
+                  amp: Callable, nll_out: Tensor | None = None, hits_out: Tensor | None = None) -> Tensor:
     """float64 sums (nll, targets, bytes) over the targets these windows score. Windows are zero-padded to seq_len
-    (causal attention: padding after a position cannot change it). nll_out[j] receives target j's nll if given."""
+    (causal attention: padding after a position cannot change it). If given, nll_out[j] receives target j's nll
+    and hits_out[j] counts how often target j was scored (tools/check_legality.py)."""
     n = tokens.numel() - 1
     ctx = seq_len - stride
     offsets = torch.arange(seq_len)
@@ -736,6 +746,8 @@ def score_windows(logits_fn: Callable[[Tensor], Tensor], tokens: Tensor, starts:
         sums += torch.stack((nll.sum(), mask.sum().double(), (target_bytes(x, y, luts) * mask).sum().double()))
         if nll_out is not None:
             nll_out[pos[mask.cpu()]] = nll[mask].cpu()
+        if hits_out is not None:
+            hits_out.index_add_(0, pos[mask.cpu()], torch.ones(int(mask.sum()), dtype=hits_out.dtype))
     return sums
 
 
@@ -793,7 +805,8 @@ def adapt_on_chunk(model: GPT, opt: torch.optim.Optimizer, tokens: Tensor, chunk
 
 def eval_ttt(model: GPT, tokens: Tensor, cfg: Config, luts: tuple[Tensor, Tensor, Tensor], batch_windows: int,
              device: torch.device, amp: Callable, logits_fn: Callable[[Tensor], Tensor] | None = None,
-             rank: int = 0, world_size: int = 1, nll_out: Tensor | None = None) -> tuple[float, float]:
+             rank: int = 0, world_size: int = 1, nll_out: Tensor | None = None,
+             hits_out: Tensor | None = None) -> tuple[float, float]:
     """Legal score-first TTT (record P, STACK.md §D.3; framework PR #549, #1413). For each chunk in order:
     score it under no_grad with weights that have only trained on earlier chunks, add it to the totals, and only
     then adapt on it. The last chunk is never trained on. Issue #1017 conditions: causal, normalized, score
@@ -806,7 +819,7 @@ def eval_ttt(model: GPT, tokens: Tensor, cfg: Config, luts: tuple[Tensor, Tensor
     model.eval()
     for c, starts in enumerate(chunks):
         mine = starts[len(starts) * rank // world_size : len(starts) * (rank + 1) // world_size]
-        sums += score_windows(logits_fn, tokens, mine, L, S, luts, batch_windows, device, amp, nll_out)  # score
+        sums += score_windows(logits_fn, tokens, mine, L, S, luts, batch_windows, device, amp, nll_out, hits_out)  # score
         if c < len(chunks) - 1:  # then adapt, on tokens just scored
             for group in opt.param_groups:
                 group["lr"] = cfg.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / (len(chunks) - 1)))
@@ -913,6 +926,41 @@ def collect_hessians(model: GPT, batches: Iterator[Tensor], min_numel: int, amp:
     return hessians, count
 
 
+def compile_warmup(model: GPT, opts: Optimizers, step_fn: Callable[[ShuffledSequenceLoader], Tensor],
+                   make_loader: Callable[[], ShuffledSequenceLoader], cfg: Config, log: Callable[[str], None]) -> None:
+    """Compile warm-up (PR #1394 lineage): WARMUP_STEPS real steps with looping off, then as many with looping on,
+    then weights, optimizer state (Muon momentum buffers included: an upstream bug left them dirty) and looping
+    are put back exactly as they were, so the timed run starts from the initial state. The caller makes a fresh
+    loader afterwards."""
+    if cfg.warmup_steps <= 0:
+        return
+    initial_model = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    initial_opts = opts.state_dict()
+    loader = make_loader()
+    opts.set_schedule(1.0, cfg.muon_momentum_warmup_start)
+    for label, looping in (("warmup_step", False), ("loop_warmup_step", True))[: 2 if cfg.num_loops > 0 else 1]:
+        model.looping = looping
+        if looping:
+            enc, dec = layer_schedule(cfg.num_layers, cfg.loop_start, cfg.loop_end, cfg.num_loops, True)
+            log(f"loop_warmup:enabled encoder:{enc} decoder:{dec}")
+        for k in range(1, cfg.warmup_steps + 1):
+            step_fn(loader)
+            if k <= 6 or k % 10 == 0 or k == cfg.warmup_steps:
+                log(f"{label}: {k}/{cfg.warmup_steps}")
+    model.looping = False
+    with torch.no_grad():
+        model.load_state_dict(initial_model)
+    opts.load_state_dict(initial_opts)
+
+
+def load_quantized_model(path: str | Path, cfg: Config, device: torch.device) -> GPT:
+    """A fresh model with the artifact's dequantized weights, looping on, in eval mode (what every score uses)."""
+    model = GPT(cfg).to(device)
+    model.load_state_dict({k: v.to(device) for k, v in dequantize(load_artifact(path)).items()}, strict=True)
+    model.looping = cfg.num_loops > 0
+    return model.eval()
+
+
 class Ledger:
     """Time per phase and the budget it counts toward: 'train' (600 s), 'eval' (600 s) or 'none'."""
 
@@ -949,6 +997,17 @@ def load_tokenizer(path: Path, vocab_size: int):
     return sp
 
 
+def code_sources() -> dict[str, bytes]:
+    """Every code file this run executes, by repo-relative name: train_gpt.py, plus quant/*.py when quant/ is
+    imported as a package (a repo run). In a packed record quant/ is inlined, so the record file is the only one.
+    Their total is the run's code bytes."""
+    files = {"train_gpt.py": Path(__file__).read_bytes()}
+    if quantize_state_dict.__module__.startswith("quant."):
+        quant_dir = Path(sys.modules["quant"].__file__).parent
+        files.update({f"quant/{p.name}": p.read_bytes() for p in sorted(quant_dir.glob("*.py")) if p.name != "__main__.py"})
+    return files
+
+
 def main() -> None:
     cfg = Config.from_env()
     rt = setup_runtime()
@@ -963,8 +1022,10 @@ def run(cfg: Config, rt: Runtime) -> dict:
     out_dir = Path(cfg.out_dir)
     run_id = cfg.run_id or str(uuid.uuid4())
     log = Logger(out_dir / "logs" / f"{run_id}.txt" if rt.is_master else None)
-    code = Path(__file__).read_bytes()
-    log(code.decode(), console=False)
+    sources = code_sources()
+    code = b"".join(sources.values())
+    for name, body in sources.items():  # byte-exact framing: tools/parse_log.py reads the sources back
+        log(f"source_file: {name} bytes:{len(body)}\n{body.decode()}", console=False)
     log("=" * 100, console=False)
     log(f"Running Python {sys.version}", console=False)
     log(f"Running PyTorch {torch.__version__}", console=False)
@@ -1005,7 +1066,7 @@ def run(cfg: Config, rt: Runtime) -> dict:
     if ws > 1:
         torch._dynamo.config.optimize_ddp = False  # as record P: DDP around a compiled module
         train_model = nn.parallel.DistributedDataParallel(
-            train_model, device_ids=[rt.local_rank] if dev.type == "cuda" else None, broadcast_buffers=False)
+            train_model, device_ids=[rt.local_rank] if dev.type == "cuda" else None, forward_sync_buffers=False)
     opts = Optimizers(model, cfg, rt.rank, ws, rt.ns_dtype)
     capped = cfg.max_wallclock_seconds > 0
     cap_ms = 1000.0 * max(0.0, cfg.max_wallclock_seconds - cfg.gptq_reserve_seconds) if capped else 0.0
@@ -1021,26 +1082,9 @@ def run(cfg: Config, rt: Runtime) -> dict:
         enc, dec = layer_schedule(cfg.num_layers, cfg.loop_start, cfg.loop_end, cfg.num_loops, model.looping)
         return f"encoder:{enc} decoder:{dec}"
 
-    # compile warm-up: real steps with looping off, then on; then weights, optimizer state (Muon momentum
-    # included) and the loader are reset, so the timed run starts from the exact initial state (PR #1394 lineage)
     t0 = time.perf_counter()
-    if cfg.warmup_steps > 0:
-        initial_model = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        initial_opts = opts.state_dict()
-        loader = make_loader()
-        opts.set_schedule(1.0, cfg.muon_momentum_warmup_start)
-        for label, looping in (("warmup_step", False), ("loop_warmup_step", True))[: 2 if cfg.num_loops > 0 else 1]:
-            model.looping = looping
-            if looping:
-                log(f"loop_warmup:enabled {encoder_decoder()}")
-            for k in range(1, cfg.warmup_steps + 1):
-                step_on(loader)
-                if k <= 6 or k % 10 == 0 or k == cfg.warmup_steps:
-                    log(f"{label}: {k}/{cfg.warmup_steps}")
-        model.looping = False
-        model.load_state_dict(initial_model)
-        opts.load_state_dict(initial_opts)
-        sync(dev)
+    compile_warmup(model, opts, step_on, make_loader, cfg, log)
+    sync(dev)
     ledger.add("compile_warmup", time.perf_counter() - t0, "none")
     loader = make_loader()
     ema = [p.detach().float().clone() for p in model.parameters()]
@@ -1125,7 +1169,7 @@ def run(cfg: Config, rt: Runtime) -> dict:
     calib = make_loader()
     hessians, count = collect_hessians(
         model, (calib.next_batch(micro_seqs)[0].to(dev) for _ in range(cfg.gptq_calibration_batches)),
-        PASSTHROUGH_NUMEL, amp)
+        cfg.passthrough_numel, amp)
     for name in sorted(hessians):  # improvement on upstream: calibrate on every rank's data, not rank 0's only
         hessians[name] = all_reduce_(hessians[name]) / (count * ws)
     sync(dev)
@@ -1136,7 +1180,7 @@ def run(cfg: Config, rt: Runtime) -> dict:
         qtensors = quantize_state_dict(
             {k: v.detach().cpu() for k, v in model.state_dict().items()}, {k: v.cpu() for k, v in hessians.items()},
             matrix_bits=cfg.matrix_bits, matrix_clip_sigmas=cfg.matrix_clip_sigmas, embed_bits=cfg.embed_bits,
-            embed_clip_sigmas=cfg.embed_clip_sigmas)
+            embed_clip_sigmas=cfg.embed_clip_sigmas, passthrough_numel=cfg.passthrough_numel)
         save_artifact(artifact_path, encode_artifact(qtensors, codec=cfg.compressor))
         model_bytes = artifact_path.stat().st_size
         log("Quantized weights:")
@@ -1153,10 +1197,7 @@ def run(cfg: Config, rt: Runtime) -> dict:
 
     # every rank reloads the artifact from disk; all scores below come from it
     t = time.perf_counter()
-    qmodel = GPT(cfg).to(dev)
-    qmodel.load_state_dict({k: v.to(dev) for k, v in dequantize(load_artifact(artifact_path)).items()}, strict=True)
-    qmodel.looping = cfg.num_loops > 0
-    qmodel.eval()
+    qmodel = load_quantized_model(artifact_path, cfg, dev)
     ledger.add("deserialize", time.perf_counter() - t, "none")
     qlogits = torch.compile(qmodel.forward_logits, dynamic=False, fullgraph=True) if use_compile else qmodel.forward_logits
     L = cfg.eval_seq_len

@@ -38,7 +38,7 @@ def inspect(path: str) -> None:
     print(f"artifact {path}: {len(blob):,} bytes = header+manifest {len(blob) - compressed:,} + "
           f"compressed payload {compressed:,} (decompressed {m['payload_bytes']:,})")
     print(f"format version {blob[3]} | codec {m['codec']} | packing {m['packing']} (codes one per byte, contiguous per "
-          f"tensor) | scales+passthrough byte-shuffled, stride {m['shuffle']}")
+          f"tensor) | scales {m['scale_layout']} | scales+passthrough byte-shuffled, stride {m['shuffle']}")
     print(f"share: each tensor's bytes compressed alone with {m['codec']} (artifact settings), scaled so the shares sum "
           f"to the compressed payload; H0: order-0 entropy of the codes (passthrough: of the stored values), "
           f"bound = H0 of codes + H0 of the fp16 scales (16-bit symbols)", flush=True)

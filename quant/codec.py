@@ -49,6 +49,11 @@ class ArtifactError(ValueError):
     """Any fault in an artifact file: one exception type with a one-line message."""
 
 
+def _store_dtype(dtype: str) -> str:
+    """Passthrough storage: floats as fp16 (upstream), other dtypes as themselves."""
+    return "float16" if getattr(torch, dtype).is_floating_point else dtype
+
+
 def compress_bytes(data: bytes, codec: str) -> bytes:
     """Compress with brotli quality 11, zstd level 22 or lzma preset 9e (all deterministic)."""
     if codec == "brotli":
@@ -122,6 +127,9 @@ def encode_artifact(qtensors: list[QTensor], codec: str = "brotli") -> bytes:
         e = {"name": qt.name, "shape": list(qt.shape), "dtype": qt.dtype, "kind": qt.kind}
         if qt.kind == "passthrough":
             e["store"] = str(qt.data.dtype).removeprefix("torch.")
+            if e["store"] != _store_dtype(qt.dtype) or tuple(qt.data.shape) != qt.shape:
+                raise ValueError(f"encode_artifact: {qt.name} passthrough needs {_store_dtype(qt.dtype)} data of "
+                                 f"shape {qt.shape}")
             side.append(qt.data.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
         else:
             if qt.codes.dtype != torch.int8 or tuple(qt.codes.shape) != qt.shape or qt.scale.dtype != torch.float16:
@@ -135,7 +143,7 @@ def encode_artifact(qtensors: list[QTensor], codec: str = "brotli") -> bytes:
         e.update(s)
     compressed = compress_bytes(b"".join(codes) + byte_shuffle(b"".join(side), 2), codec)
     manifest = {
-        "codec": codec, "packing": "int8", "shuffle": 2, "codes_bytes": codes_bytes, "payload_bytes": payload_bytes,
+        "codec": codec, "packing": "int8", "scale_layout": "row-fp16", "shuffle": 2, "codes_bytes": codes_bytes, "payload_bytes": payload_bytes,
         "compressed_bytes": len(compressed), "compressed_crc32": zlib.crc32(compressed), "tensors": entries,
     }
     m = brotli.compress(json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode(), quality=11)
@@ -161,7 +169,7 @@ def _check_entry(e: object, i: int) -> None:
           f"{name}: bad shape {shape!r}")
     _need(dtype in _DTYPES, f"{name}: unsupported dtype {dtype!r}")
     if kind == "passthrough":
-        store = "float16" if getattr(torch, dtype).is_floating_point else dtype
+        store = _store_dtype(dtype)
         _need(e.get("store") == store, f"{name}: {dtype} passthrough must be stored as {store}")
         keys = {"name", "shape", "dtype", "kind", "store", "data"}
     else:
@@ -187,11 +195,12 @@ def parse_artifact(blob: bytes, max_decompressed_bytes: int = ARTIFACT_MAX_BYTES
     except (ValueError, RecursionError) as e:
         raise ArtifactError(f"manifest is not valid JSON: {e}") from None
     _need(isinstance(m, dict), "manifest is not a JSON object")
-    keys = {"codec", "packing", "shuffle", "codes_bytes", "payload_bytes", "compressed_bytes", "compressed_crc32",
+    keys = {"codec", "packing", "scale_layout", "shuffle", "codes_bytes", "payload_bytes", "compressed_bytes", "compressed_crc32",
             "tensors"}
     _need(set(m) == keys, f"manifest keys {sorted(m)} != {sorted(keys)}")
     _need(m["codec"] in ARTIFACT_CODECS, f"unknown codec {m['codec']!r}")
     _need(m["packing"] == "int8", f"unknown packing {m['packing']!r}")
+    _need(m["scale_layout"] == "row-fp16", f"unknown scale layout {m['scale_layout']!r}")
     _need(_is_int(m["shuffle"], 1, 16), f"bad shuffle stride {m['shuffle']!r}")
     payload = blob[_HEADER.size + mlen:]
     _need(m["compressed_bytes"] == len(payload),

@@ -233,7 +233,7 @@ def manifest_of(blob: bytes) -> dict:
 
 def passthrough_manifest(codec: str, n: int) -> dict:
     t = {"name": "t", "shape": [n], "dtype": "uint8", "kind": "passthrough", "store": "uint8", "data": [0, n]}
-    return {"codec": codec, "packing": "int8", "shuffle": 2, "codes_bytes": 0, "payload_bytes": n, "tensors": [t]}
+    return {"codec": codec, "packing": "int8", "scale_layout": "row-fp16", "shuffle": 2, "codes_bytes": 0, "payload_bytes": n, "tensors": [t]}
 
 
 @pytest.fixture(scope="module")
