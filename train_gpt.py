@@ -162,6 +162,11 @@ class Config:
         return Path(self.tokenizer_path or Path(self.data_dir) / "tokenizers" / f"fineweb_{self.vocab_size}_bpe.model")
 
     @classmethod
+    def from_summary(cls, path: str | Path, **overrides: object) -> Config:
+        """The config a run used, from its run_summary.json ("config"), with keyword overrides."""
+        return cls(**{**json.loads(Path(path).read_text())["config"], **overrides})
+
+    @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
         """Config from upper-case env vars (SEED=42 ...). A near-miss name (MODEL_DIMS) is an error with a hint."""
         env = os.environ if env is None else env
@@ -1178,7 +1183,7 @@ def run(cfg: Config, rt: Runtime) -> dict:
     t = time.perf_counter()
     if rt.is_master:
         qtensors = quantize_state_dict(
-            {k: v.detach().cpu() for k, v in model.state_dict().items()}, {k: v.cpu() for k, v in hessians.items()},
+            {k: v.detach() for k, v in model.state_dict().items()}, hessians,  # GPTQ runs where the weights are
             matrix_bits=cfg.matrix_bits, matrix_clip_sigmas=cfg.matrix_clip_sigmas, embed_bits=cfg.embed_bits,
             embed_clip_sigmas=cfg.embed_clip_sigmas, passthrough_numel=cfg.passthrough_numel)
         save_artifact(artifact_path, encode_artifact(qtensors, codec=cfg.compressor))

@@ -14,6 +14,7 @@ from quant.codec import (
     encode_artifact,
     load_artifact,
     parse_artifact,
+    read_artifact_file,
     save_artifact,
 )
 from quant.gptq import (
@@ -46,6 +47,7 @@ __all__ = [
     "parse_artifact",
     "quantize_rtn",
     "quantize_state_dict",
+    "read_artifact_file",
     "save_artifact",
     "sdclip_scale",
 ]

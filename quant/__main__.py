@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from quant.codec import ArtifactError, compress_bytes, parse_artifact
+from quant.codec import ArtifactError, compress_bytes, parse_artifact, read_artifact_file
 from quant.gptq import QTensor
 from quant.pack import byte_shuffle
 
@@ -31,8 +31,7 @@ def tensor_bytes(qt: QTensor) -> bytes:
 
 
 def inspect(path: str) -> None:
-    with open(path, "rb") as f:
-        blob = f.read()
+    blob = read_artifact_file(path)
     m, qts = parse_artifact(blob)
     compressed = m["compressed_bytes"]
     print(f"artifact {path}: {len(blob):,} bytes = header+manifest {len(blob) - compressed:,} + "
@@ -74,8 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         inspect(args.artifact)
-    except (ArtifactError, OSError) as e:
-        print(f"error: {args.artifact}: {(e.strerror or e) if isinstance(e, OSError) else e}", file=sys.stderr)
+    except ArtifactError as e:
+        print(f"error: {args.artifact}: {e}", file=sys.stderr)
         return 2
     return 0
 

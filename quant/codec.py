@@ -33,6 +33,7 @@ __all__ = [
     "encode_artifact",
     "load_artifact",
     "parse_artifact",
+    "read_artifact_file",
     "save_artifact",
 ]
 
@@ -40,16 +41,16 @@ ARTIFACT_MAGIC = b"PGQ"
 ARTIFACT_VERSION = 1
 ARTIFACT_CODECS = ("brotli", "zstd", "lzma")
 ARTIFACT_MAX_BYTES = 1 << 28  # default cap on the decompressed payload (a record's is ~37 MB)
-_MANIFEST_MAX_BYTES = 1 << 24  # cap on the decompressed manifest (~160 bytes per tensor)
-_HEADER = struct.Struct("<3sBII")  # magic, version, manifest length, manifest crc32
-_DTYPES = ("float32", "float16", "bfloat16", "float64", "int8", "uint8", "int16", "int32", "int64", "bool")
+_PGQ_MANIFEST_MAX = 1 << 24  # cap on the decompressed manifest (~160 bytes per tensor)
+_PGQ_HEADER = struct.Struct("<3sBII")  # magic, version, manifest length, manifest crc32
+_PGQ_DTYPES = ("float32", "float16", "bfloat16", "float64", "int8", "uint8", "int16", "int32", "int64", "bool")
 
 
 class ArtifactError(ValueError):
     """Any fault in an artifact file: one exception type with a one-line message."""
 
 
-def _store_dtype(dtype: str) -> str:
+def _pgq_store_dtype(dtype: str) -> str:
     """Passthrough storage: floats as fp16 (upstream), other dtypes as themselves."""
     return "float16" if getattr(torch, dtype).is_floating_point else dtype
 
@@ -122,13 +123,13 @@ def encode_artifact(qtensors: list[QTensor], codec: str = "brotli") -> bytes:
     """Serialize QTensors (in list order) into artifact bytes; the same input gives byte-identical output."""
     entries, codes, side = [], [], []
     for qt in qtensors:
-        if qt.dtype not in _DTYPES:
+        if qt.dtype not in _PGQ_DTYPES:
             raise ValueError(f"encode_artifact: {qt.name} has unsupported dtype {qt.dtype}")
         e = {"name": qt.name, "shape": list(qt.shape), "dtype": qt.dtype, "kind": qt.kind}
         if qt.kind == "passthrough":
             e["store"] = str(qt.data.dtype).removeprefix("torch.")
-            if e["store"] != _store_dtype(qt.dtype) or tuple(qt.data.shape) != qt.shape:
-                raise ValueError(f"encode_artifact: {qt.name} passthrough needs {_store_dtype(qt.dtype)} data of "
+            if e["store"] != _pgq_store_dtype(qt.dtype) or tuple(qt.data.shape) != qt.shape:
+                raise ValueError(f"encode_artifact: {qt.name} passthrough needs {_pgq_store_dtype(qt.dtype)} data of "
                                  f"shape {qt.shape}")
             side.append(qt.data.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
         else:
@@ -143,84 +144,85 @@ def encode_artifact(qtensors: list[QTensor], codec: str = "brotli") -> bytes:
         e.update(s)
     compressed = compress_bytes(b"".join(codes) + byte_shuffle(b"".join(side), 2), codec)
     manifest = {
-        "codec": codec, "packing": "int8", "scale_layout": "row-fp16", "shuffle": 2, "codes_bytes": codes_bytes, "payload_bytes": payload_bytes,
-        "compressed_bytes": len(compressed), "compressed_crc32": zlib.crc32(compressed), "tensors": entries,
+        "codec": codec, "packing": "int8", "scale_layout": "row-fp16", "shuffle": 2, "codes_bytes": codes_bytes,
+        "payload_bytes": payload_bytes, "compressed_bytes": len(compressed), "compressed_crc32": zlib.crc32(compressed),
+        "tensors": entries,
     }
     m = brotli.compress(json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode(), quality=11)
-    return _HEADER.pack(ARTIFACT_MAGIC, ARTIFACT_VERSION, len(m), zlib.crc32(m)) + m + compressed
+    return _PGQ_HEADER.pack(ARTIFACT_MAGIC, ARTIFACT_VERSION, len(m), zlib.crc32(m)) + m + compressed
 
 
-def _need(ok: bool, msg: str) -> None:
+def _ensure(ok: bool, msg: str) -> None:
     if not ok:
         raise ArtifactError(msg)
 
 
-def _is_int(x: object, lo: int = 0, hi: int = 1 << 62) -> bool:
+def _is_count(x: object, lo: int = 0, hi: int = 1 << 62) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and lo <= x <= hi
 
 
-def _check_entry(e: object, i: int) -> None:
+def _check_manifest_entry(e: object, i: int) -> None:
     """Schema of one manifest tensor entry (types and ranges; spans are checked against the layout afterwards)."""
-    _need(isinstance(e, dict), f"manifest tensor #{i} is not an object")
+    _ensure(isinstance(e, dict), f"manifest tensor #{i} is not an object")
     name = e.get("name")
-    _need(isinstance(name, str) and 0 < len(name) <= 512, f"manifest tensor #{i} has a bad name")
+    _ensure(isinstance(name, str) and 0 < len(name) <= 512, f"manifest tensor #{i} has a bad name")
     shape, kind, dtype = e.get("shape"), e.get("kind"), e.get("dtype")
-    _need(isinstance(shape, list) and len(shape) <= 8 and all(_is_int(n, 0, 1 << 40) for n in shape),
-          f"{name}: bad shape {shape!r}")
-    _need(dtype in _DTYPES, f"{name}: unsupported dtype {dtype!r}")
+    _ensure(isinstance(shape, list) and len(shape) <= 8 and all(_is_count(n, 0, 1 << 40) for n in shape),
+            f"{name}: bad shape {shape!r}")
+    _ensure(dtype in _PGQ_DTYPES, f"{name}: unsupported dtype {dtype!r}")
     if kind == "passthrough":
-        store = _store_dtype(dtype)
-        _need(e.get("store") == store, f"{name}: {dtype} passthrough must be stored as {store}")
+        store = _pgq_store_dtype(dtype)
+        _ensure(e.get("store") == store, f"{name}: {dtype} passthrough must be stored as {store}")
         keys = {"name", "shape", "dtype", "kind", "store", "data"}
     else:
-        _need(kind in ("gptq", "rtn"), f"{name}: unknown kind {kind!r}")
-        _need(len(shape) == 2 and getattr(torch, dtype).is_floating_point, f"{name}: quantized tensors are 2-D floats")
-        _need(_is_int(e.get("bits"), 2, 8), f"{name}: bits must be 2..8, got {e.get('bits')!r}")
+        _ensure(kind in ("gptq", "rtn"), f"{name}: unknown kind {kind!r}")
+        _ensure(len(shape) == 2 and getattr(torch, dtype).is_floating_point, f"{name}: quantized tensors are 2-D floats")
+        _ensure(_is_count(e.get("bits"), 2, 8), f"{name}: bits must be 2..8, got {e.get('bits')!r}")
         keys = {"name", "shape", "dtype", "kind", "bits", "codes", "scale"}
-    _need(set(e) == keys, f"{name}: manifest keys {sorted(e)} != {sorted(keys)}")
+    _ensure(set(e) == keys, f"{name}: manifest keys {sorted(e)} != {sorted(keys)}")
 
 
 def parse_artifact(blob: bytes, max_decompressed_bytes: int = ARTIFACT_MAX_BYTES) -> tuple[dict, list[QTensor]]:
     """Validate and decode artifact bytes into (manifest, QTensors); every fault raises ArtifactError."""
-    _need(len(blob) >= _HEADER.size, f"truncated: {len(blob)} bytes is shorter than the {_HEADER.size}-byte header")
-    magic, version, mlen, mcrc = _HEADER.unpack_from(blob)
-    _need(magic == ARTIFACT_MAGIC, "not a pgolf quant artifact (bad magic)")
-    _need(version == ARTIFACT_VERSION, f"artifact format version {version}; this loader reads version {ARTIFACT_VERSION}")
-    _need(mlen <= len(blob) - _HEADER.size, f"manifest length {mlen:,} exceeds the file ({len(blob):,} bytes)")
-    mbytes = blob[_HEADER.size:_HEADER.size + mlen]
-    _need(zlib.crc32(mbytes) == mcrc, "manifest checksum mismatch (corrupt file)")
-    mbytes = decompress_bytes(mbytes, "brotli", _MANIFEST_MAX_BYTES)
+    _ensure(len(blob) >= _PGQ_HEADER.size, f"truncated: {len(blob)} bytes, shorter than the {_PGQ_HEADER.size}-byte header")
+    magic, version, mlen, mcrc = _PGQ_HEADER.unpack_from(blob)
+    _ensure(magic == ARTIFACT_MAGIC, "not a pgolf quant artifact (bad magic)")
+    _ensure(version == ARTIFACT_VERSION, f"artifact format version {version}; this loader reads version {ARTIFACT_VERSION}")
+    _ensure(mlen <= len(blob) - _PGQ_HEADER.size, f"manifest length {mlen:,} exceeds the file ({len(blob):,} bytes)")
+    mbytes = blob[_PGQ_HEADER.size:_PGQ_HEADER.size + mlen]
+    _ensure(zlib.crc32(mbytes) == mcrc, "manifest checksum mismatch (corrupt file)")
+    mbytes = decompress_bytes(mbytes, "brotli", _PGQ_MANIFEST_MAX)
     try:
         m = json.loads(mbytes)
     except (ValueError, RecursionError) as e:
         raise ArtifactError(f"manifest is not valid JSON: {e}") from None
-    _need(isinstance(m, dict), "manifest is not a JSON object")
-    keys = {"codec", "packing", "scale_layout", "shuffle", "codes_bytes", "payload_bytes", "compressed_bytes", "compressed_crc32",
-            "tensors"}
-    _need(set(m) == keys, f"manifest keys {sorted(m)} != {sorted(keys)}")
-    _need(m["codec"] in ARTIFACT_CODECS, f"unknown codec {m['codec']!r}")
-    _need(m["packing"] == "int8", f"unknown packing {m['packing']!r}")
-    _need(m["scale_layout"] == "row-fp16", f"unknown scale layout {m['scale_layout']!r}")
-    _need(_is_int(m["shuffle"], 1, 16), f"bad shuffle stride {m['shuffle']!r}")
-    payload = blob[_HEADER.size + mlen:]
-    _need(m["compressed_bytes"] == len(payload),
-          f"payload is {len(payload):,} bytes but the manifest says {m['compressed_bytes']!r} (truncated file?)")
-    _need(zlib.crc32(payload) == m["compressed_crc32"], "payload checksum mismatch (corrupt file)")
-    _need(isinstance(m["tensors"], list), "manifest 'tensors' is not a list")
+    _ensure(isinstance(m, dict), "manifest is not a JSON object")
+    keys = {"codec", "packing", "scale_layout", "shuffle", "codes_bytes", "payload_bytes", "compressed_bytes",
+            "compressed_crc32", "tensors"}
+    _ensure(set(m) == keys, f"manifest keys {sorted(m)} != {sorted(keys)}")
+    _ensure(m["codec"] in ARTIFACT_CODECS, f"unknown codec {m['codec']!r}")
+    _ensure(m["packing"] == "int8", f"unknown packing {m['packing']!r}")
+    _ensure(m["scale_layout"] == "row-fp16", f"unknown scale layout {m['scale_layout']!r}")
+    _ensure(_is_count(m["shuffle"], 1, 16), f"bad shuffle stride {m['shuffle']!r}")
+    payload = blob[_PGQ_HEADER.size + mlen:]
+    _ensure(m["compressed_bytes"] == len(payload),
+            f"payload is {len(payload):,} bytes but the manifest says {m['compressed_bytes']!r} (truncated file?)")
+    _ensure(zlib.crc32(payload) == m["compressed_crc32"], "payload checksum mismatch (corrupt file)")
+    _ensure(isinstance(m["tensors"], list), "manifest 'tensors' is not a list")
     for i, e in enumerate(m["tensors"]):
-        _check_entry(e, i)
+        _check_manifest_entry(e, i)
     names = [e["name"] for e in m["tensors"]]
-    _need(len(set(names)) == len(names), "duplicate tensor names in the manifest")
+    _ensure(len(set(names)) == len(names), "duplicate tensor names in the manifest")
     codes_bytes, payload_bytes, spans = _artifact_layout(m["tensors"])
-    _need(m["codes_bytes"] == codes_bytes and m["payload_bytes"] == payload_bytes,
-          f"manifest sizes ({m['codes_bytes']!r}, {m['payload_bytes']!r}) disagree with the tensor shapes "
-          f"({codes_bytes:,}, {payload_bytes:,})")
+    _ensure(m["codes_bytes"] == codes_bytes and m["payload_bytes"] == payload_bytes,
+            f"manifest sizes ({m['codes_bytes']!r}, {m['payload_bytes']!r}) disagree with the tensor shapes "
+            f"({codes_bytes:,}, {payload_bytes:,})")
     for e, s in zip(m["tensors"], spans, strict=True):
-        _need(all(e[k] == v for k, v in s.items()), f"{e['name']}: offsets/lengths disagree with its shape and dtype")
-    _need(payload_bytes <= max_decompressed_bytes,
-          f"payload of {payload_bytes:,} bytes exceeds the cap of {max_decompressed_bytes:,} bytes")
+        _ensure(all(e[k] == v for k, v in s.items()), f"{e['name']}: offsets/lengths disagree with its shape and dtype")
+    _ensure(payload_bytes <= max_decompressed_bytes,
+            f"payload of {payload_bytes:,} bytes exceeds the cap of {max_decompressed_bytes:,} bytes")
     raw = decompress_bytes(payload, m["codec"], payload_bytes)
-    _need(len(raw) == payload_bytes, f"payload decompresses to {len(raw):,} bytes, manifest says {payload_bytes:,}")
+    _ensure(len(raw) == payload_bytes, f"payload decompresses to {len(raw):,} bytes, manifest says {payload_bytes:,}")
     raw = raw[:codes_bytes] + byte_unshuffle(raw[codes_bytes:], m["shuffle"])
 
     def tensor(span: list[int], dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
@@ -239,7 +241,7 @@ def parse_artifact(blob: bytes, max_decompressed_bytes: int = ARTIFACT_MAX_BYTES
         clip_range = 2 ** (e["bits"] - 1) - 1
         if codes.numel():
             lo, hi = torch.aminmax(codes)
-            _need(-clip_range <= lo and hi <= clip_range, f"{e['name']}: codes exceed ±{clip_range} for int{e['bits']}")
+            _ensure(-clip_range <= lo and hi <= clip_range, f"{e['name']}: codes exceed ±{clip_range} for int{e['bits']}")
         scale = tensor(s["scale"], torch.float16, [shape[0]])
         out.append(QTensor(e["name"], shape, e["dtype"], e["kind"], e["bits"], codes, scale))
     return m, out
@@ -263,13 +265,17 @@ def save_artifact(path: str | os.PathLike, blob: bytes) -> None:
         raise
 
 
-def load_artifact(path: str | os.PathLike, max_decompressed_bytes: int = ARTIFACT_MAX_BYTES) -> list[QTensor]:
-    """Read and decode an artifact file; unreadable or oversized files raise ArtifactError too."""
+def read_artifact_file(path: str | os.PathLike, max_decompressed_bytes: int = ARTIFACT_MAX_BYTES) -> bytes:
+    """The bytes of an artifact file; unreadable or impossibly large files raise ArtifactError."""
     try:
         size = os.path.getsize(path)
-        _need(size <= max_decompressed_bytes + (1 << 24), f"{path}: {size:,} bytes is larger than any valid artifact")
+        _ensure(size <= max_decompressed_bytes + (1 << 24), f"{size:,} bytes is larger than any valid artifact")
         with open(path, "rb") as f:
-            blob = f.read()
+            return f.read()
     except OSError as e:
-        raise ArtifactError(f"cannot read {path}: {e.strerror or e}") from None
-    return decode_artifact(blob, max_decompressed_bytes)
+        raise ArtifactError(f"cannot read the file: {e.strerror or e}") from None
+
+
+def load_artifact(path: str | os.PathLike, max_decompressed_bytes: int = ARTIFACT_MAX_BYTES) -> list[QTensor]:
+    """Read and decode an artifact file (see `parse_artifact`)."""
+    return decode_artifact(read_artifact_file(path, max_decompressed_bytes), max_decompressed_bytes)

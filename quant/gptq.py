@@ -30,7 +30,7 @@ def accumulate_hessian(H: Tensor | None, x: Tensor) -> Tensor:
 
 def _gptq_inverse_factor(H: Tensor) -> Tensor:
     """Upper Cholesky factor U of H⁻¹ (H already damped); more damping if H is not numerically PD, identity (RTN) last."""
-    eye = torch.eye(H.shape[0], dtype=H.dtype)
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     mean_diag = H.diagonal().mean()
     for extra in (0.0, 0.1, 1.0, 10.0):
         L, info = torch.linalg.cholesky_ex(H + extra * mean_diag * eye)
@@ -46,15 +46,15 @@ def gptq_quantize_weight(w: Tensor, H: Tensor, scale: Tensor, clip_range: int, b
 
     GPTQ (Frantar et al. 2022, arXiv:2210.17323) with actorder and full-Hessian error feedback, as in PR #1493: each
     column is rounded at the fixed per-row step `scale` (SDClip, never re-fitted), and its rounding error, divided by
-    U[j, j], is pushed onto the not-yet-quantized columns through the rows of U = chol(H⁻¹)ᵀ. This minimizes the
-    layer-output error ‖XWᵀ − XQᵀ‖ greedily; with H = I it reduces to round-to-nearest.
+    U[j, j], is pushed onto the not-yet-quantized columns through row j of U, the upper Cholesky factor of H⁻¹
+    (H⁻¹ = UᵀU). This greedily minimizes the layer-output error ‖XWᵀ − XQᵀ‖; with H = I it is round-to-nearest.
     """
     rows, cols = w.shape
     if H.shape != (cols, cols) or scale.shape != (rows,):
         raise ValueError(f"gptq: w {tuple(w.shape)} needs H ({cols}, {cols}) and scale ({rows},), "
                          f"got {tuple(H.shape)} and {tuple(scale.shape)}")
     W = w.detach().float().clone()
-    H = H.detach().float().clone()
+    H = H.detach().to(W.device, torch.float32, copy=True)
     dead = H.diagonal() == 0  # inputs that never fire: their weights cannot matter, so code them as 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
@@ -63,7 +63,7 @@ def gptq_quantize_weight(w: Tensor, H: Tensor, scale: Tensor, clip_range: int, b
     W, H = W[:, perm], H[perm][:, perm]
     U = _gptq_inverse_factor(H)
     s = scale.float()
-    Q = torch.zeros(rows, cols, dtype=torch.int8)
+    Q = torch.zeros(rows, cols, dtype=torch.int8, device=W.device)
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
@@ -110,6 +110,7 @@ def quantize_state_dict(
 ) -> list[QTensor]:
     """Quantize a state dict in its order: 2-D floats above `passthrough_numel` elements get SDClip codes (GPTQ with
     their Hessian, round-to-nearest without one or with method="rtn"); everything else is passthrough (floats as fp16).
+    Runs on the weights' device; the returned tensors are on the CPU.
 
     Embeddings (`embed_names`) use the embed bits/sigmas and are GPTQ'd as the tied output head: rows = vocab,
     Hessian of the final hidden states (PR #1493).
@@ -118,11 +119,11 @@ def quantize_state_dict(
         raise ValueError(f"quantize_state_dict: method must be 'gptq' or 'rtn', got {method!r}")
     out = []
     for name, t in state.items():
-        t = t.detach().cpu()
+        t = t.detach()
         dtype = str(t.dtype).removeprefix("torch.")
         if not t.is_floating_point() or t.ndim != 2 or t.numel() <= passthrough_numel:
-            data = t.half() if t.is_floating_point() else t.clone()
-            out.append(QTensor(name, tuple(t.shape), dtype, "passthrough", data=data.contiguous()))
+            data = t.half() if t.is_floating_point() else t
+            out.append(QTensor(name, tuple(t.shape), dtype, "passthrough", data=data.cpu().clone().contiguous()))
             continue
         embed = name in embed_names
         bits = embed_bits if embed else matrix_bits
@@ -130,10 +131,10 @@ def quantize_state_dict(
         scale = sdclip_scale(t, embed_clip_sigmas if embed else matrix_clip_sigmas, clip_range)
         H = hessians.get(name)
         if method == "gptq" and H is not None:
-            codes, kind = gptq_quantize_weight(t, H.cpu(), scale, clip_range), "gptq"
+            codes, kind = gptq_quantize_weight(t, H, scale, clip_range), "gptq"
         else:
             codes, kind = quantize_rtn(t, scale, clip_range), "rtn"
-        out.append(QTensor(name, tuple(t.shape), dtype, kind, bits, codes.contiguous(), scale))
+        out.append(QTensor(name, tuple(t.shape), dtype, kind, bits, codes.cpu().contiguous(), scale.cpu()))
     return out
 
 

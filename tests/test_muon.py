@@ -131,7 +131,7 @@ def _rank_worker(rank: int, store_path: str, out_dir: str) -> None:
     try:
         torch.manual_seed(0)
         model = GPT(Config(**TINY))
-        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=None, broadcast_buffers=False)  # as run()
+        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=None, forward_sync_buffers=False)  # as run()
         opts = Optimizers(model, Config(**TINY), rank=rank, world_size=2)
         mine = [b[rank * MICRO_PER_RANK : (rank + 1) * MICRO_PER_RANK] for b in global_batches()]
         losses = run_steps(ddp, model, opts, mine)

@@ -233,7 +233,8 @@ def manifest_of(blob: bytes) -> dict:
 
 def passthrough_manifest(codec: str, n: int) -> dict:
     t = {"name": "t", "shape": [n], "dtype": "uint8", "kind": "passthrough", "store": "uint8", "data": [0, n]}
-    return {"codec": codec, "packing": "int8", "scale_layout": "row-fp16", "shuffle": 2, "codes_bytes": 0, "payload_bytes": n, "tensors": [t]}
+    return {"codec": codec, "packing": "int8", "scale_layout": "row-fp16", "shuffle": 2, "codes_bytes": 0,
+            "payload_bytes": n, "tensors": [t]}
 
 
 @pytest.fixture(scope="module")
@@ -366,8 +367,10 @@ def test_inspect_cli(tmp_path: Path, good_blob: bytes) -> None:
     assert "codec brotli" in r.stdout and "format version 1" in r.stdout and "tok_emb.weight" in r.stdout
     ratio = float(r.stdout.strip().splitlines()[-1].rsplit("= ", 1)[1])
     assert 0.9 < ratio < 2.0
-    bad = tmp_path / "bad.ptz"
-    bad.write_bytes(good_blob[: len(good_blob) // 2])
-    r = run_inspect(bad)
-    assert r.returncode == 2 and r.stdout == ""
-    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr and "truncated" in r.stderr
+    for name, blob, why in (("cut.ptz", good_blob[: len(good_blob) // 2], "truncated"),
+                            ("evil.pkl", pickle.dumps(_CreatesFile(str(tmp_path / "pwned"))), "bad magic")):
+        (tmp_path / name).write_bytes(blob)
+        r = run_inspect(tmp_path / name)
+        assert r.returncode == 2 and r.stdout == ""
+        assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr and why in r.stderr
+    assert not (tmp_path / "pwned").exists()

@@ -135,7 +135,8 @@ CONFIG_FIELDS = {  # adding a knob is a deliberate two-line edit: the field and 
     "ln_scale", "logit_softcap", "loop_end", "loop_start", "matrix_bits", "matrix_clip_sigmas", "matrix_lr",
     "max_wallclock_seconds", "min_lr", "mlp_leaky_slope", "mlp_mult", "model_dim", "muon_backend_steps",
     "muon_momentum", "muon_momentum_warmup_start", "muon_momentum_warmup_steps", "muon_row_normalize", "muon_wd",
-    "num_heads", "num_kv_heads", "num_layers", "num_loops", "out_dir", "parallel_residual_start", "qk_gain_init",
+    "num_heads", "num_kv_heads", "num_layers", "num_loops", "out_dir", "parallel_residual_start", "passthrough_numel",
+    "qk_gain_init",
     "rope_base", "rope_dims", "run_id", "scalar_lr", "seed", "skip_gates_enabled", "sliding_window_enabled",
     "tied_embed_init_std", "tied_embed_lr", "tokenizer_path", "train_batch_tokens", "train_log_every",
     "train_seq_len", "ttt_chunk_tokens", "ttt_enabled", "ttt_epochs", "ttt_lr", "ttt_momentum", "val_batch_tokens",
@@ -381,8 +382,8 @@ def dataset_fingerprint(data_dir: Path) -> str:
 
 def golden_trace(data_dir: Path) -> list[float]:
     """The trainer's step loop of run() without wallclock, eval or logging: schedule, looping switch, train_step."""
-    cfg = Config(**TINY, train_batch_tokens=1024, iterations=GOLDEN_STEPS, seed=1337)
-    accum = train_gpt.grad_accum_steps(cfg, 1)  # 8 micro-batches of 2 sequences: accumulation is in the trace
+    cfg = Config(**TINY, train_batch_tokens=1024, grad_accum_steps=2, iterations=GOLDEN_STEPS, seed=1337)
+    accum = train_gpt.grad_accum_steps(cfg, 1)  # 2 micro-batches of 8 sequences: accumulation is in the trace
     micro_seqs = cfg.train_batch_tokens // (accum * cfg.train_seq_len)
     torch.manual_seed(cfg.seed)
     model = GPT(cfg)
@@ -433,8 +434,20 @@ def test_golden_loss_trace(tiny_dataset) -> None:
 
 # --- wallclock-capped in-process run ---------------------------------------------------------------------------------
 
+def framed_sources(raw: bytes) -> dict[str, bytes]:
+    """The code files framed at the top of a run log ("source_file: NAME bytes:N" + N bytes + newline each),
+    which must end with a line of 100 '='."""
+    sources, pos = {}, 0
+    while m := re.compile(rb"source_file: (\S+) bytes:(\d+)\n").match(raw, pos):
+        end = m.end() + int(m[2])
+        sources[m[1].decode()] = raw[m.end() : end]
+        assert raw[end : end + 1] == b"\n", f"{m[1]!r}: frame not followed by a newline"
+        pos = end + 1
+    assert raw[pos:].startswith(b"=" * 100 + b"\n"), "the framed sources must be followed by a line of 100 '='"
+    return sources
+
+
 @pytest.mark.slow
-@pytest.mark.skipif(not hasattr(train_gpt, "quantize_state_dict"), reason="quant/ not yet imported by train_gpt.py")
 def test_wallclock_capped_run(tiny_dataset, tmp_path: Path) -> None:
     cap_s, reserve_s = 4.0, 1.0
     cfg = Config(**TINY, data_path=str(tiny_dataset.data_dir), tokenizer_path=str(tiny_dataset.tokenizer),
@@ -442,15 +455,19 @@ def test_wallclock_capped_run(tiny_dataset, tmp_path: Path) -> None:
                  gptq_reserve_seconds=reserve_s, warmup_steps=2, val_loss_every=0, train_log_every=1,
                  train_batch_tokens=1024, grad_accum_steps=1, val_batch_tokens=16384, eval_stride=32,
                  gptq_calibration_batches=2, ttt_enabled=False, sliding_window_enabled=False,
-                 mlp_mult=17.0)  # MLP matrices 64x1088 > PASSTHROUGH_NUMEL: GPTQ with real Hessians runs too
+                 passthrough_numel=4096)  # fc, mlp.proj (64x256) and tok_emb (512x64) go through GPTQ
     rt = train_gpt.Runtime(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"),
                            amp=contextlib.nullcontext, ns_dtype=torch.float32)
     summary = train_gpt.run(cfg, rt)
 
-    log = (tmp_path / "logs" / "wallclock.txt").read_text()
-    source = TRAIN_GPT.read_text()
-    assert log.startswith(source)  # the log opens with the exact source that ran
-    assert log[len(source):].lstrip("\n").startswith("=" * 100 + "\n")
+    raw = (tmp_path / "logs" / "wallclock.txt").read_bytes()
+    sources = framed_sources(raw)
+    assert list(sources)[0] == "train_gpt.py"  # the log opens with the exact code that ran, file by file
+    expected = ["train_gpt.py"] + [f"quant/{p.name}" for p in sorted((ROOT / "quant").glob("*.py")) if p.name != "__main__.py"]
+    assert sorted(sources) == sorted(expected)
+    for name, body in sources.items():
+        assert body == (ROOT / name).read_bytes(), name
+    log = raw.decode("utf-8")
     cap_ms = 1000 * (cap_s - reserve_s)
     stop = re.search(r"^stopping_early: wallclock_cap train_time: (\d+)ms step: (\d+)/100000$", log, re.M)
     assert stop, "no stopping_early line"
@@ -462,13 +479,13 @@ def test_wallclock_capped_run(tiny_dataset, tmp_path: Path) -> None:
     assert loop and float(loop[2]) >= 0.35 and 0 < int(loop[1]) < steps
     assert summary["layer_loop_step"] == int(loop[1])
 
-    assert re.search(r"^GPTQ:collected 8 Hessians in ", log, re.M)  # fc and mlp.proj of the 4 layers
+    assert re.search(r"^GPTQ:collected 9 Hessians in ", log, re.M)  # fc and mlp.proj of the 4 layers, tok_emb
     evals = summary["evals"]
     assert abs(evals["quantized"]["val_bpb"] - evals["pre-quantization post-ema"]["val_bpb"]) < 0.05
 
     nums = {k: int(v) for k, v in re.findall(r"^(bytes_code|bytes_model|bytes_total):(\d+)$", log, re.M)}
     assert nums["bytes_total"] == nums["bytes_code"] + nums["bytes_model"]
-    assert nums["bytes_code"] == TRAIN_GPT.stat().st_size
+    assert nums["bytes_code"] == sum((ROOT / name).stat().st_size for name in sources)
     assert nums["bytes_model"] == (tmp_path / "final_model.int6.ptz").stat().st_size
     written = json.loads((tmp_path / "run_summary.json").read_text())
     assert {k: written[k] for k in nums} == nums
