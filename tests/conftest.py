@@ -14,6 +14,18 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread() -> None:
+    """Tiny CPU tensors run faster on one thread, and OpenMP's second thread stalls badly whenever the other core
+    is busy (64x64 matmuls measured ~250x slower). One thread also keeps float results reproducible."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 TINY_VOCAB = 512
 TINY_VAL_BYTES = 60_000  # val = the most leading docs within this many raw bytes (~10%, ~20k+ tokens)
 
@@ -42,3 +54,35 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> TinyDataset:
                                            root / "tiny_512_bpe")
     assert manifest["vocab_size"] == TINY_VOCAB, manifest["vocab_size"]
     return TinyDataset(data_dir=root / "tiny_sp512", tokenizer=root / "tiny_512_bpe.model", vocab_size=TINY_VOCAB)
+
+
+TINY_TRAIN = dict(  # the record stack at toy size: every feature on, seconds on CPU
+    vocab_size=TINY_VOCAB, num_layers=4, model_dim=64, num_heads=4, num_kv_heads=2, rope_dims=8, loop_start=1,
+    loop_end=2, num_loops=1, parallel_residual_start=3, xsa_last_n=4, train_seq_len=64, train_batch_tokens=2048,
+    grad_accum_steps=1, iterations=6, max_wallclock_seconds=0.0, warmup_steps=1, muon_momentum_warmup_steps=4,
+    ema_decay=0.5, train_log_every=2, val_loss_every=0, val_batch_tokens=16384, eval_seq_len=64, eval_stride=32,
+    ttt_chunk_tokens=2048, ttt_epochs=1, gptq_calibration_batches=2, passthrough_numel=1024, compressor="brotli")
+
+
+@dataclass(frozen=True)
+class TinyRun:
+    out_dir: Path  # logs/<run_id>.txt, final_model.pt, final_model.int6.ptz, run_summary.json
+    summary: dict
+    log: Path
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_dataset: TinyDataset, tmp_path_factory: pytest.TempPathFactory) -> TinyRun:
+    """One real in-process training run of the toy stack (train, GPTQ, artifact, reload, all evals)."""
+    import contextlib
+
+    import torch
+
+    import train_gpt
+
+    out = tmp_path_factory.mktemp("tiny_run")
+    cfg = train_gpt.Config(**TINY_TRAIN, data_path=str(tiny_dataset.data_dir), tokenizer_path=str(tiny_dataset.tokenizer),
+                           out_dir=str(out), run_id="tiny", seed=7)
+    rt = train_gpt.Runtime(0, 1, 0, torch.device("cpu"), contextlib.nullcontext, torch.float32)
+    summary = train_gpt.run(cfg, rt)
+    return TinyRun(out_dir=out, summary=summary, log=out / "logs" / "tiny.txt")

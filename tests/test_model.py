@@ -14,15 +14,6 @@ TINY = dict(vocab_size=512, num_layers=4, model_dim=64, num_heads=4, num_kv_head
             num_loops=1, parallel_residual_start=3, xsa_last_n=4, rope_dims=8, train_seq_len=64, eval_seq_len=64)
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny ops on 2 shared cores: a second OpenMP thread stuck behind a busy core makes each op ~100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_model(seed: int = 0, **overrides: object) -> GPT:
     torch.manual_seed(seed)
     return GPT(Config(**{**TINY, **overrides}))
@@ -168,7 +159,8 @@ def test_fullgraph_compile_has_no_graph_breaks() -> None:
     # aot_eager: dynamo must capture the forward in one graph (fullgraph=True raises on a break) and AOTAutograd
     # must trace its backward, as inductor would, without paying inductor's ~30 s cold C++ compile on CPU
     torch._dynamo.reset()
-    model = tiny_model()
+    # 3 layers: a plain block, a looped one, a parallel-residual one; tracing time grows with the block passes
+    model = tiny_model(num_layers=3, loop_start=1, loop_end=1, parallel_residual_start=2, xsa_last_n=3)
     counter = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(model, dynamic=False, fullgraph=True, backend=counter)
     ids = torch.randint(0, 512, (2, 64), generator=torch.Generator().manual_seed(0))

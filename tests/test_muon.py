@@ -19,15 +19,6 @@ TINY = dict(vocab_size=512, num_layers=4, model_dim=64, num_heads=4, num_kv_head
             num_loops=1, parallel_residual_start=3, xsa_last_n=4, rope_dims=8, train_seq_len=64, eval_seq_len=64)
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny ops on 2 shared cores: a second OpenMP thread stuck behind a busy core makes each op ~100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def rand(*shape: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 

@@ -240,3 +240,36 @@ def test_upstream_record_logs() -> None:
         r = parse_log(path.read_text())
         assert f"train_seed{r['seed']}.log" == path.name
         assert r["bytes_total"] == r["bytes_code"] + r["bytes_model"] < 16_000_000
+
+
+def framed(name: str, body: str) -> str:
+    return f"source_file: {name} bytes:{len(body.encode('utf-8'))}\n{body}\n"
+
+
+def test_source_framing_is_byte_exact() -> None:
+    # a source that imitates the log: separator + version block, log lines, a fake frame header, no final newline,
+    # and multi-byte UTF-8 (the frame counts bytes, not characters)
+    tricky = (f'"""décor ▁ ✓\n{SEP}\nRunning Python 9.9\n{SEP}\n0/9 val_loss: 9.9999 val_bpb: 9.9999\n'
+              f'quantized_ttt val_loss:9.99999999 val_bpb:9.99999999 eval_time:1ms\nbytes_total:1\n'
+              f'source_file: quant/evil.py bytes:3\n"""\nx = 1')
+    plain = "import os\n\n\n"  # ends in blank lines: the frame, not a strip(), delimits it
+    log_text = (ASSETS / "log_ours_iterations.txt").read_text()
+    _, rest = log_text.split(SEP + "\n", 1)  # the asset's own (unframed) source is replaced by frames
+    text = framed("train_gpt.py", tricky) + framed("quant/gptq.py", plain) + SEP + "\n" + rest
+    r = parse_log(text)
+    assert r["sources"] == {"train_gpt.py": tricky, "quant/gptq.py": plain}
+    assert r["code_bytes_logged"] == len(tricky.encode()) + len(plain.encode()) and r["sources_error"] is None
+    assert r["final_val_bpb"] == 2.62610203 and "decoy" not in str(r["evals"])  # the log proper, not the source
+    assert r["bytes_total"] != 1 and r["python_version"] != "9.9"
+    # a frame cut short (crashed writer) is reported, and what was read so far is kept
+    broken = parse_log(framed("train_gpt.py", plain) + f"source_file: quant/x.py bytes:{10**6}\nabc\n")
+    assert broken["sources"] == {"train_gpt.py": plain} and "quant/x.py" in broken["sources_error"]
+    assert parse_log(log_text)["sources"] == {} and parse_log(log_text)["code_bytes_logged"] is None
+
+
+def test_read_log_keeps_bytes(tmp_path: Path) -> None:
+    from tools.parse_log import read_log
+    body = "a = 1\r\nb = 2\r\n"  # CRLF inside a source must survive reading: the frame counts its bytes
+    path = tmp_path / "crlf.txt"
+    path.write_bytes(framed("train_gpt.py", body).encode() + (SEP + "\n").encode())
+    assert parse_log(read_log(path))["sources"] == {"train_gpt.py": body}

@@ -228,19 +228,19 @@ class TTTEval:
         return out
 
 
-def default_cuts(num_targets: int, seq_len: int, stride: int, chunk_tokens: int) -> list[tuple[str, int]]:
-    """Cut positions that sit on the edges where an off-by-one leak would show (only those inside 1..N-1)."""
+def default_cuts(num_targets: int, seq_len: int, stride: int, chunk_tokens: int, mode: str) -> list[tuple[str, int]]:
+    """Cuts on the edges where an off-by-one leak would show, four per mode (each costs one full eval run): window
+    and stride edges for sliding, chunk edges for TTT, one unaligned mid-chunk position for both."""
     starts = train_gpt.window_starts(num_targets, seq_len, stride)
     num_chunks = -(-num_targets // chunk_tokens)
     mid_chunk = (num_chunks - 1) // 2 * chunk_tokens + min(chunk_tokens, num_targets) // 2 + stride // 2 + 1
-    candidates = [
-        ("first window end", seq_len),
-        ("stride boundary", seq_len + 3 * stride),
-        ("mid-chunk", mid_chunk),
-        ("window end", int(starts[len(starts) // 3]) + seq_len),
-        ("chunk boundary-1", chunk_tokens - 1),
-        ("chunk boundary+1", chunk_tokens + 1),
-    ]
+    stride_edge = ("stride boundary", seq_len + 3 * stride)  # where window 3's scored span starts
+    candidates = {
+        "sliding": [("first window end", seq_len), stride_edge, ("window end", int(starts[len(starts) // 2]) + seq_len),
+                    ("mid-chunk", mid_chunk)],
+        "ttt": [stride_edge, ("mid-chunk", mid_chunk), ("chunk boundary-1", chunk_tokens - 1),
+                ("chunk boundary+1", chunk_tokens + 1)],
+    }[mode]
     seen: dict[int, str] = {}
     for label, k in candidates:
         if 1 <= k <= num_targets - 1 and k not in seen:
@@ -310,13 +310,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data-dir", type=Path, help="dataset dir with fineweb_val_*.bin (overrides DATA_PATH)")
     ap.add_argument("--tokenizer", type=Path, help="SentencePiece .model (overrides TOKENIZER_PATH)")
     ap.add_argument("--tokens", type=int, help="targets to evaluate from the start of val, rounded down to a multiple "
-                    "of EVAL_SEQ_LEN (default: 2 TTT chunks, at most all of val)")
+                    "of EVAL_SEQ_LEN (default: TTT_CHUNK_TOKENS + EVAL_SEQ_LEN, two chunks: the shortest stream where an "
+                    "update precedes a score; at most all of val)")
     ap.add_argument("--mode", choices=("sliding", "ttt", "both"), default="both", help="which eval path to check")
     ap.add_argument("--config", type=Path, help="run_summary.json whose \"config\" is the run's Config (default: the "
                     "one beside the artifact, else env vars as train_gpt.py reads them)")
-    ap.add_argument("--cuts", type=int, nargs="+", help="cut positions k (tokens after k are replaced); default: a "
-                    "window end, stride and chunk boundaries, a mid-chunk position and the first window's end")
+    ap.add_argument("--cuts", type=int, nargs="+", help="cut positions k (tokens after k are replaced), for every mode; "
+                    "default per mode: the first window's end, a stride boundary, a window end, chunk boundary +-1 and "
+                    "a mid-chunk position")
     ap.add_argument("--seed", type=int, default=0, help="seed of the random replacement tokens")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for tiny models on "
+                    "busy shared cores; bit-identity is compared within one run, so any value is valid)")
     ap.add_argument("--batch-windows", type=int, default=32, help="windows per forward (upstream's per-rank 32)")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
@@ -332,13 +336,14 @@ def main(argv: list[str] | None = None) -> int:
         val = train_gpt.load_val_tokens(str(cfg.dataset_dir / "fineweb_val_*.bin"), L, cfg.vocab_size)
         if args.tokens is not None and args.tokens < L:
             raise CheckError(f"--tokens {args.tokens}: need at least one window of EVAL_SEQ_LEN={L}")
-        n = min(args.tokens or 2 * C, val.numel() - 1) // L * L
+        n = min(args.tokens or C + L, val.numel() - 1) // L * L
         tokens = val[: n + 1]
-        cuts = [("", k) for k in args.cuts] if args.cuts else default_cuts(n, L, S, C)
-        if bad := [k for _, k in cuts if not 1 <= k <= n - 1]:
+        modes = ["sliding", "ttt"] if args.mode == "both" else [args.mode]
+        cuts = {m: [("", k) for k in args.cuts] if args.cuts else default_cuts(n, L, S, C, m) for m in modes}
+        if bad := [k for k in args.cuts or [] if not 1 <= k <= n - 1]:
             raise CheckError(f"cuts {bad} outside 1..{n - 1} (the evaluated targets)")
-        if args.batch_windows < 1:
-            raise CheckError("--batch-windows must be >= 1")
+        if args.batch_windows < 1 or args.threads < 1:
+            raise CheckError("--batch-windows and --threads must be >= 1")
         load = load_model_fn(args.artifact, cfg)
     except (CheckError, train_gpt.ShardError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -347,7 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"artifact {args.artifact}; config from {cfg_source}")
     print(f"val prefix: {n} targets of {val.numel() - 1}; EVAL_SEQ_LEN={L} EVAL_STRIDE={S} TTT_CHUNK_TOKENS={C} "
           f"({num_chunks} chunk{'s' if num_chunks > 1 else ''}) TTT_LR={cfg.ttt_lr:g} TTT_EPOCHS={cfg.ttt_epochs}")
-    print(f"cuts: {', '.join(f'{k} ({label})' if label else str(k) for label, k in cuts)}")
+    for m in modes:
+        print(f"{m} cuts: {', '.join(f'{k} ({label})' if label else str(k) for label, k in cuts[m])}")
     if num_chunks < 2 and args.mode != "sliding":
         print("warning: one TTT chunk: no update happens before a score; raise --tokens above TTT_CHUNK_TOKENS")
 
@@ -355,15 +361,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  ... {msg} ({time.perf_counter() - t0:.0f}s)", file=sys.stderr, flush=True)
 
     rows: list[Row] = []
-    if args.mode in ("sliding", "both"):
+    torch.set_num_threads(args.threads)
+    if "sliding" in modes:
         sliding = SlidingEval(load(), cfg, luts, args.batch_windows)
-        rows += check_eval(sliding, tokens, cuts, cfg.vocab_size, "sliding", args.seed, sliding.probe, progress)
+        rows += check_eval(sliding, tokens, cuts["sliding"], cfg.vocab_size, "sliding", args.seed, sliding.probe, progress)
         if sliding.results:
             vl, vb = sliding.results[0]
             print(f"sliding: val_loss {vl:.6f} val_bpb {vb:.6f} on the prefix")
-    if args.mode in ("ttt", "both"):
+    if "ttt" in modes:
         ttt = TTTEval(load, cfg, luts, args.batch_windows)
-        rows += check_eval(ttt, tokens, cuts, cfg.vocab_size, "ttt", args.seed, ttt.probe, progress)
+        rows += check_eval(ttt, tokens, cuts["ttt"], cfg.vocab_size, "ttt", args.seed, ttt.probe, progress)
         if ttt.results:
             vl, vb = ttt.results[0]
             print(f"ttt: val_loss {vl:.6f} val_bpb {vb:.6f} on the prefix")

@@ -10,10 +10,13 @@ Formats (STACK.md §E.1-E.3, ECOSYSTEM.md §8):
 * root baseline: `step:S/N train_loss:X train_time:Tms step_avg:Ams`, `seed:1337`, `final_int8_zlib_roundtrip_exact`.
 
 Log files (not console captures) embed the script's source, which is full of format strings that look like log
-lines. The header is located structurally: the block that starts with a 100-'=' line followed by `Running Python`
-ends at the next 100-'=' line, and only what follows is parsed as the log. That covers the three layouts seen:
-source first (ours, baseline), hyperparameters first (P), hyperparameters then source (N's log file). Without such
-a block the text after the first 100-'=' line is parsed; without any, the whole text (console captures).
+lines. Ours frame each code file that ran byte-exactly: a `source_file: <name> bytes:<N>` line, exactly N bytes of
+the file's UTF-8 text, then one newline; these are returned as `sources` and cut off before anything else is
+parsed. In what is left (and in upstream logs, which embed unframed source) the header is located structurally:
+the block that starts with a 100-'=' line followed by `Running Python` ends at the next 100-'=' line, and only
+what follows is parsed as the log. That covers the three layouts seen: source first (ours, baseline),
+hyperparameters first (P), hyperparameters then source (N's log file). Without such a block the text after the
+first 100-'=' line is parsed; without any, the whole text (console captures).
 
 Step-line times: the record format prints train_time in minutes with one decimal (±3 s). Its tok/s column is
 step·train_batch_tokens/elapsed from the same clock (P's code), so when train_batch_tokens is known the time is
@@ -67,6 +70,9 @@ GPTQ_HESS = _re(r"^GPTQ:collected (\d+) Hessians in ({F})s$")
 LEDGER = _re(r"^time_ledger phase:(\S+) seconds:({F}) budget:(\S+)$")
 LEDGER_TOTAL = _re(r"^time_ledger_total((?: \w+:{F})+)$")
 RUNNING = _re(r"^Running (Python|PyTorch) (\S+)")
+SOURCE_HEAD = re.compile(rb"source_file: (\S+) bytes:(\d+)")
+# nvidia-smi table row: `|   0  NVIDIA H100 80GB HBM3          On  |   00000000:18:00.0 Off |  ...`
+GPU_ROW = re.compile(r"^\|\s+\d+\s+(.+?)\s{2,}(?:On|Off)\s+\|")
 KV = re.compile(r"(\w+):(\S+)")
 NUMBER = re.compile(rf"^(?:{_F})$")
 
@@ -78,6 +84,27 @@ def parse_value(raw: str) -> Any:
     if NUMBER.fullmatch(raw):
         return float(raw)
     return {"True": True, "False": False, "None": None}.get(raw, raw)
+
+
+def split_sources(text: str) -> tuple[dict[str, str], str, str | None]:
+    """(sources, rest, error): the byte-exact `source_file:` frames at the start of a log file, the text after them,
+    and None, or a message saying where the framing breaks (the sources read so far, the rest from that frame on)."""
+    data = text.encode("utf-8", errors="surrogateescape")
+    sources: dict[str, str] = {}
+    pos = 0
+    while data.startswith(b"source_file: ", pos):
+        eol = data.find(b"\n", pos)
+        m = SOURCE_HEAD.fullmatch(data[pos:eol]) if eol >= 0 else None
+        if not m:
+            return sources, data[pos:].decode("utf-8", errors="replace"), f"malformed source header at byte {pos}"
+        name, n = m.group(1).decode("utf-8", errors="replace"), int(m.group(2))
+        start, end = eol + 1, eol + 1 + n
+        if data[end:end + 1] != b"\n":
+            return sources, data[pos:].decode("utf-8", errors="replace"), (
+                f"source {name}: {n} bytes announced but the frame does not end there (truncated log?)")
+        sources[name] = data[start:end].decode("utf-8", errors="replace")
+        pos = end + 1
+    return sources, data[pos:].decode("utf-8", errors="replace"), None
 
 
 def split_header(lines: list[str]) -> tuple[list[str], list[str]]:
@@ -135,6 +162,7 @@ def _interp_time(step: int, points: list[TimePoint]) -> tuple[float | None, bool
 
 def parse_log(text: str) -> dict[str, Any]:
     """Parse one log's text. Keys absent from the log are None (lists/dicts empty)."""
+    sources, text, sources_error = split_sources(text)
     lines = [line.rstrip("\r") for line in text.splitlines()]
     header, body = split_header(lines)
     body = [line for line in body if not NOISE.match(line)]
@@ -176,6 +204,10 @@ def parse_log(text: str) -> dict[str, Any]:
         "total_eval_time_s": None,
         "python_version": versions.get("Python"),
         "torch_version": versions.get("PyTorch"),
+        "gpus": [m.group(1) for m in map(GPU_ROW.match, header) if m],
+        "sources": sources,
+        "code_bytes_logged": sum(len(v.encode("utf-8")) for v in sources.values()) if sources else None,
+        "sources_error": sources_error,
         "evals": {},
         "time_ledger": [],
         "time_totals": None,
@@ -355,12 +387,13 @@ def _json_safe(obj: Any) -> Any:
 
 
 def read_log(path: Path) -> str:
-    """Log text; raises FileNotFoundError / IsADirectoryError with the path for the CLI's one-line error."""
+    """Log text, byte-exact (no newline translation: the source frames count bytes); raises FileNotFoundError /
+    IsADirectoryError with the path for the CLI's one-line error."""
     if not path.exists():
         raise FileNotFoundError(f"no such log file: {path}")
     if path.is_dir():
         raise IsADirectoryError(f"is a directory, not a log file: {path}")
-    return path.read_text(encoding="utf-8", errors="replace")
+    return path.read_bytes().decode("utf-8", errors="replace")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -379,6 +412,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"warning: {path}: no recognizable log lines", file=sys.stderr)
         if args.no_curves:
             del parsed["train"], parsed["val"]
+        parsed["sources"] = {name: len(src.encode("utf-8")) for name, src in parsed["sources"].items()}  # not the text
         print(json.dumps(_json_safe({"log": str(path), **parsed})))
     return 0
 

@@ -1,0 +1,467 @@
+"""Records: tools/build_record.py (inline, pack, equivalence, smoke run, folder), tools/check_record.py (every rule
+catches its violation) and tools/submit.py (a local commit on a new branch, never a push).
+
+Two real tiny training runs (seeds 1 and 2) and one real build with the packed-file smoke run happen once per
+session (fixtures `tiny_runs`, `record`); every check_record case mutates a copy of that folder."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import re
+import shutil
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+import train_gpt
+from tools import build_record, check_record, submit
+from tools.build_record import RecordError, check_equivalent, inline_quant, pack, unpack
+from tools.parse_log import parse_log, read_log
+
+SEEDS = (1, 2)
+RECORD_NAME = "2026-01-02_TinyCpuRecord"
+
+
+# --- shared fixtures: two tiny runs, one built record ---------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def tiny_runs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """OUT_DIRs of two finished tiny CPU runs from the repo (train_gpt.py + quant/), in-process, one thread."""
+    root = tmp_path_factory.mktemp("record_runs")
+    data, tok, vocab = build_record.smoke_dataset(root)
+    rt = train_gpt.Runtime(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"),
+                           amp=contextlib.nullcontext, ns_dtype=torch.float32)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    dirs = []
+    try:
+        for seed in SEEDS:
+            out = root / f"seed{seed}"
+            cfg = train_gpt.Config(
+                vocab_size=vocab, num_layers=2, model_dim=64, num_heads=2, num_kv_heads=1, rope_dims=8, mlp_mult=2.0,
+                loop_start=0, loop_end=1, num_loops=1, parallel_residual_start=1, xsa_last_n=2, train_seq_len=64,
+                eval_seq_len=64, eval_stride=32, data_path=str(data), tokenizer_path=str(tok), out_dir=str(out),
+                run_id=f"tiny{seed}", seed=seed, iterations=3, max_wallclock_seconds=0, warmup_steps=1,
+                val_loss_every=0, train_log_every=1, train_batch_tokens=512, grad_accum_steps=1,
+                val_batch_tokens=4096, gptq_calibration_batches=2, ttt_chunk_tokens=2048, ttt_epochs=1,
+                passthrough_numel=1024, compressor="zstd")
+            train_gpt.run(cfg, rt)
+            dirs.append(out)
+    finally:
+        torch.set_num_threads(threads)
+    return dirs
+
+
+def build_args(runs: list[Path], out: Path, **kw: object) -> argparse.Namespace:
+    base = dict(run=runs, log=[], artifact=[], name="Tiny CPU record", track="non_record_16mb", author="Test Author",
+                github_id="tester", blurb="A tiny CPU run.", date="2026-01-02", out=out, upstream=False)
+    return argparse.Namespace(**{**base, **kw})
+
+
+@pytest.fixture(scope="session")
+def record(tiny_runs: list[Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The record folder built from the two runs (includes the packed-file smoke run)."""
+    return build_record.build(build_args(tiny_runs, tmp_path_factory.mktemp("records") / RECORD_NAME))
+
+
+@pytest.fixture
+def rec(record: Path, tmp_path: Path) -> Path:
+    """A private copy of the record folder to mutate."""
+    return Path(shutil.copytree(record, tmp_path / RECORD_NAME))
+
+
+def statuses(rows: list[check_record.Row], check: str, seed: str = "") -> list[str]:
+    return [r.status for r in rows if r.check == check and r.seed == seed]
+
+
+# --- end to end ------------------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_build_then_check_end_to_end(record: Path, tiny_runs: list[Path], capsys: pytest.CaptureFixture) -> None:
+    names = sorted(p.name for p in record.iterdir())
+    assert names == sorted(["README.md", "requirements.txt", "submission.json", "train_gpt.py", "train_gpt_readable.py",
+                            "train_seed1.log", "train_seed2.log", "final_model_seed1.int6.ptz",
+                            "final_model_seed2.int6.ptz"])
+    packed = (record / "train_gpt.py").read_text()
+    readable = (record / "train_gpt_readable.py").read_text()
+    assert packed.count("\n") == 2 and packed.startswith("import lzma as L,base64 as B\nexec(")
+    assert len(packed) < len(readable) / 2 and "from quant" not in readable and "__all__" not in readable
+    parsed = {s: parse_log(read_log(d / "logs" / f"tiny{s}.txt")) for s, d in zip(SEEDS, tiny_runs)}
+    for s, d in zip(SEEDS, tiny_runs):  # logs and artifacts are byte copies
+        assert (record / f"train_seed{s}.log").read_bytes() == (d / "logs" / f"tiny{s}.txt").read_bytes()
+        assert (record / f"final_model_seed{s}.int6.ptz").read_bytes() == (d / "final_model.int6.ptz").read_bytes()
+
+    sub = json.loads((record / "submission.json").read_text())
+    assert sub["seeds"] == [1, 2] and sub["track"] == "non_record_16mb" and sub["author"] == "Test Author"
+    assert sub["bytes_code"] == len(packed.encode())
+    arts = [(record / f"final_model_seed{s}.int6.ptz").stat().st_size for s in SEEDS]
+    assert sub["bytes_total"] == sub["bytes_code"] + max(arts) and sub["artifact_bytes_max"] == max(arts)
+    finals = [parsed[s]["final_val_bpb"] for s in SEEDS]
+    assert sub["val_bpb"] == pytest.approx(sum(finals) / 2, abs=1e-8)
+    assert sub["seed_results"]["2"]["val_bpb"] == finals[1] and sub["seed_results"]["1"]["artifact_bytes"] == arts[0]
+    assert sub["seed_results"]["1"]["train_time_s"] == parsed[1]["time_totals"]["train"]
+    assert sub["hardware"].startswith("CPU (") and sub["pytorch_version"] == torch.__version__
+    assert sub["compliance"]["score_first_ttt"] is True and sub["compliance"]["three_seeds"] is False
+    assert sub["compliance"]["artifact_under_16mb"] and sub["compliance"]["no_pre_quant_ttt"]
+
+    readme = (record / "README.md").read_text()
+    assert readme.startswith("# Non-record: Tiny CPU record\n\n**val_bpb = ")
+    assert "| **Mean** |" in readme and "| **Std** |" in readme and "Score before update" in readme
+    assert "SEED=1 torchrun --standalone --nproc_per_node=1 train_gpt.py" in readme
+    assert "MODEL_DIM=64" in readme and "COMPRESSOR=zstd" in readme  # the tiny runs overrode the defaults
+    assert re.search(r"^COMPRESSOR=zstd DATA_PATH=\S+ .*MODEL_DIM=64 .*SEED=1 torchrun --standalone", readme, re.M)
+
+    assert check_record.main([str(record)]) == 0
+    out = capsys.readouterr().out
+    assert "PASS: 0 violation(s)" in out and "code vs log" in out
+
+
+def test_rebuild_is_byte_identical(record: Path) -> None:
+    # the logs carry the sources: inlining + packing them again gives the same bytes (determinism)
+    sources = parse_log(read_log(record / "train_seed1.log"))["sources"]
+    assert set(sources) == {"train_gpt.py", "quant/__init__.py", "quant/codec.py", "quant/gptq.py", "quant/pack.py",
+                            "quant/sdclip.py"}
+    readable = inline_quant(sources)
+    assert readable == (record / "train_gpt_readable.py").read_text()
+    assert pack(readable) == pack(readable) == (record / "train_gpt.py").read_text()
+
+
+def test_packed_is_equivalent_and_a_difference_is_caught(record: Path) -> None:
+    readable = (record / "train_gpt_readable.py").read_text()
+    packed = (record / "train_gpt.py").read_text()
+    check_equivalent(readable, packed)
+    inner = unpack(packed)
+    assert '"""' not in inner and "def main():" in inner  # no docstrings, no signature annotations
+    assert "data_dir: str = './data/'" in inner  # Config's field annotations survive (a dataclass reads them)
+    tampered = pack(readable.replace("ARTIFACT_LIMIT_BYTES = 16_000_000", "ARTIFACT_LIMIT_BYTES = 17_000_000"))
+    with pytest.raises(RecordError, match="not equivalent"):
+        check_equivalent(readable, tampered)
+
+
+def test_smoke_run_failure_is_reported(record: Path, tmp_path: Path) -> None:
+    readable = (record / "train_gpt_readable.py").read_text()
+    broken = readable.replace("from __future__ import annotations\n",
+                              "from __future__ import annotations\nraise SystemExit('boom at start')\n", 1)
+    with pytest.raises(RecordError, match=r"(?s)smoke run .* failed \(exit 1\).*boom at start"):
+        build_record.smoke_run(pack(broken), tmp_path)
+
+
+# --- build_record: inline/pack units on synthetic sources ----------------------------------------------------------
+
+TRAIN = '''"""Doc of train."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+# >>> inline quant (replaced)
+from quant import Codec, scale
+
+# <<< inline quant
+
+
+@dataclass(frozen=True)
+class Config:
+    bits: int = 6  # a field: its annotation must survive packing
+
+
+def main() -> int:
+    """Entry."""
+    return scale(Config().bits) + Codec().size() + len(os.sep)
+'''
+QUANT = {
+    "quant/__init__.py": ('"""Pkg."""\nfrom quant.a import scale\nfrom quant.b import Codec\n\n'
+                          '__all__ = ["Codec", "scale"]\n'),
+    "quant/b.py": ('"""Module b: uses a."""\n\nfrom __future__ import annotations\n\nimport math\nfrom dataclasses import '
+                   'dataclass, field\n\nfrom quant.a import scale\n\n__all__ = ["Codec"]\n\n\n@dataclass\nclass Codec:\n'
+                   '    n: int = 2\n    extra: list = field(default_factory=list)\n\n    def size(self) -> int:\n'
+                   '        return scale(self.n) + math.floor(1.5)\n'),
+    "quant/a.py": ('"""Module a."""\n\nfrom __future__ import annotations\n\nimport os\n\n__all__ = ["scale"]\n\n\n'
+                   'def scale(x: int) -> int:\n    """Twice."""\n    return 2 * x\n'),
+}
+
+
+def load_module(src: str, name: str) -> types.ModuleType:
+    mod = types.ModuleType(name)
+    sys.modules[name] = mod  # dataclasses look their module up
+    try:
+        exec(compile(src, name, "exec"), mod.__dict__)
+    finally:
+        del sys.modules[name]
+    return mod
+
+
+def test_inline_orders_hoists_and_drops() -> None:
+    readable = inline_quant({"train_gpt.py": TRAIN, **QUANT})
+    assert readable.index("# ---- quant/a.py") < readable.index("# ---- quant/b.py")  # a before b (b imports a)
+    assert "from quant" not in readable and "__all__" not in readable and readable.count("from __future__") == 1
+    assert readable.startswith('"""Doc of train."""\n\nfrom __future__ import annotations\n\nimport math\nimport os\n'
+                               'from dataclasses import dataclass, field\n\n# >>> inline quant')
+    assert "# Module b: uses a." in readable  # module docstrings become comments
+    assert load_module(readable, "readable_probe").main() == 12 + 5 + 1
+
+
+def test_pack_keeps_dataclass_fields_drops_signatures() -> None:
+    readable = inline_quant({"train_gpt.py": TRAIN, **QUANT})
+    packed = pack(readable)
+    check_equivalent(readable, packed)
+    mod = load_module(unpack(packed), "packed_probe")
+    assert mod.main() == 18 and mod.main.__annotations__ == {} and mod.main.__doc__ is None
+    assert mod.Config.__dataclass_fields__["bits"].type == "int"
+    # a source that reads annotations keeps the signature ones
+    reader = TRAIN + "\n\ndef hints() -> dict:\n    import typing\n    return typing.get_type_hints(main)\n"
+    mod = load_module(unpack(pack(inline_quant({"train_gpt.py": reader, **QUANT}))), "reader_probe")
+    assert mod.main.__annotations__ == {"return": "int"} and mod.main() == 18
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda s: {**s, "quant/a.py": s["quant/a.py"] + "\n\ndef main():\n    return 0\n"}, "name clash: .*`main`"),
+    (lambda s: {**s, "train_gpt.py": s["train_gpt.py"].replace("Codec, scale", "Codec, scale as sc")}, "aliases"),
+    (lambda s: {**s, "quant/a.py": s["quant/a.py"].replace("import os", "import numpy as os")}, "import clash"),
+    (lambda s: {**s, "quant/a.py": s["quant/a.py"].replace("import os", "from quant.b import Codec")}, "cycle"),
+    (lambda s: {**s, "train_gpt.py": s["train_gpt.py"].replace("# <<< inline quant\n", "")}, "exactly one"),
+    (lambda s: {k: v for k, v in s.items() if k != "quant/b.py"}, "no inlined quant module defines it"),
+])
+def test_inline_errors_are_one_line(change, match: str) -> None:
+    with pytest.raises(RecordError, match=match):
+        inline_quant(change({"train_gpt.py": TRAIN, **QUANT}))
+
+
+# --- build_record: refusals on real runs ----------------------------------------------------------------------------
+
+def run_build_cli(tiny_runs: list[Path], out: Path, *extra: str) -> int:
+    args = [a for d in tiny_runs for a in ("--run", str(d))]
+    return build_record.main([*args, "--name", "Tiny CPU record", "--author", "A", "--github-id", "a",
+                              "--out", str(out), *extra])
+
+
+def test_cpu_runs_cannot_be_a_10min_record(tiny_runs: list[Path], tmp_path: Path, capsys) -> None:
+    assert run_build_cli(tiny_runs, tmp_path / "r", "--track", "10min_16mb") == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "needs 8xH100" in err and "non_record_16mb" in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_seeds_must_have_run_the_same_code(tiny_runs: list[Path], tmp_path: Path, capsys) -> None:
+    other = Path(shutil.copytree(tiny_runs[1], tmp_path / "seed2"))
+    log = other / "logs" / "tiny2.txt"
+    text = log.read_bytes()
+    i = text.index(b"source_file: quant/gptq.py")
+    i = text.index(b"import", i)
+    log.write_bytes(text[:i] + b"IMPORT" + text[i + 6:])  # same length: the frame stays valid
+    assert run_build_cli([tiny_runs[0], other], tmp_path / "r", "--track", "non_record_16mb") == 1
+    assert "ran different code: quant/gptq.py differs" in capsys.readouterr().err
+    assert run_build_cli([tiny_runs[0], tiny_runs[0]], tmp_path / "r", "--track", "non_record_16mb") == 1
+    assert "duplicate seeds" in capsys.readouterr().err
+
+
+def test_existing_output_is_never_overwritten(tiny_runs: list[Path], tmp_path: Path, capsys) -> None:
+    (tmp_path / "r").mkdir()
+    assert run_build_cli(tiny_runs, tmp_path / "r", "--track", "non_record_16mb") == 1
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_artifact_must_belong_to_the_log(tiny_runs: list[Path], tmp_path: Path, capsys) -> None:
+    log = next((tiny_runs[0] / "logs").glob("*.txt"))
+    other = tmp_path / "other.ptz"
+    other.write_bytes((tiny_runs[0] / "final_model.int6.ptz").read_bytes() + b"x")
+    assert build_record.main(["--log", str(log), "--artifact", str(other),
+                              "--name", "x", "--track", "non_record_16mb", "--author", "A", "--github-id", "a",
+                              "--out", str(tmp_path / "r")]) == 1
+    assert "not this run's artifact" in capsys.readouterr().err
+
+
+def test_upstream_layout(tiny_runs: list[Path], record: Path, tmp_path: Path, monkeypatch) -> None:
+    # --upstream drops the readable twin and artifacts; check_record then falls back to the logged model bytes
+    monkeypatch.setattr(build_record, "smoke_run", lambda packed, work: build_record.SmokeResult(0.0, len(packed), 1, 1.0))
+    out = build_record.build(build_args(tiny_runs, tmp_path / "up", upstream=True))
+    assert sorted(p.name for p in out.iterdir()) == sorted(["README.md", "requirements.txt", "submission.json",
+                                                            "train_gpt.py", "train_seed1.log", "train_seed2.log"])
+    assert (out / "train_gpt.py").read_bytes() == (record / "train_gpt.py").read_bytes()
+    assert ".ptz" not in (out / "README.md").read_text()
+    rows = check_record.check_folder(out)
+    size = [r for r in rows if r.check == "size"]
+    assert len(size) == 2 and all(r.status == "PASS" and "logged model bytes" in r.value for r in size)
+    assert not [r for r in rows if r.status == "FAIL"]
+
+
+# --- check_record: each rule catches its violation -------------------------------------------------------------------
+
+def test_size_cap_is_exact(rec: Path) -> None:
+    code = (rec / "train_gpt.py").stat().st_size
+    art = rec / "final_model_seed1.int6.ptz"
+    with open(art, "r+b") as f:  # sparse: no 16 MB written
+        f.truncate(16_000_000 - code)
+    rows = check_record.check_folder(rec)
+    assert statuses(rows, "size", "1") == ["PASS"] and statuses(rows, "artifact vs log", "1") == ["FAIL"]
+    with open(art, "r+b") as f:
+        f.truncate(16_000_001 - code)
+    rows = check_record.check_folder(rec)
+    assert statuses(rows, "size", "1") == ["FAIL"] and statuses(rows, "size", "2") == ["PASS"]
+
+
+def set_ledger(log: Path, budget: str, phase: str, target: float) -> None:
+    """Rewrite one ledger row so that the budget's total is `target`, and the total line with it."""
+    text = log.read_text()
+    rows = re.findall(r"^time_ledger phase:(\S+) seconds:([\d.]+) budget:(\S+)$", text, re.M)
+    others = sum(float(s) for p, s, b in rows if b == budget and p != phase)
+    text = re.sub(rf"^time_ledger phase:{phase} seconds:[\d.]+ budget:{budget}$",
+                  f"time_ledger phase:{phase} seconds:{target - others:.3f} budget:{budget}", text, flags=re.M)
+    text = re.sub(rf"^(time_ledger_total .*){budget}:[\d.]+", rf"\g<1>{budget}:{target:.3f}", text, flags=re.M)
+    log.write_text(text)
+
+
+def test_train_time_over_budget(rec: Path) -> None:
+    log = rec / "train_seed2.log"
+    set_ledger(log, "train", "train_loop", 600.0)
+    assert statuses(check_record.check_folder(rec), "train time", "2") == ["PASS"]  # the limit itself is allowed
+    set_ledger(log, "train", "train_loop", 600.1)
+    rows = check_record.check_folder(rec)
+    assert statuses(rows, "train time", "2") == ["FAIL"] and statuses(rows, "train time", "1") == ["PASS"]
+    assert check_record.main([str(rec)]) == 1
+
+
+def test_eval_time_over_budget_and_tampered_ledger(rec: Path) -> None:
+    log = rec / "train_seed1.log"
+    set_ledger(log, "eval", "quantized_ttt", 600.5)
+    assert statuses(check_record.check_folder(rec), "eval time", "1") == ["FAIL"]
+    text = log.read_text()
+    log.write_text(re.sub(r"eval:[\d.]+ limit", "eval:1.000 limit", text))  # a total that its rows do not add up to
+    rows = check_record.check_folder(rec)
+    assert statuses(rows, "eval time", "1") == ["FAIL"]
+    assert "ledger rows sum" in next(r.value for r in rows if r.check == "eval time" and r.seed == "1")
+
+
+def test_missing_seed_log(rec: Path) -> None:
+    (rec / "train_seed2.log").unlink()
+    rows = check_record.check_folder(rec)
+    assert statuses(rows, "seed log", "2") == ["FAIL"]
+    sub = json.loads((rec / "submission.json").read_text())
+    sub["seeds"].append(3)  # and a log that submission.json does not list
+    (rec / "submission.json").write_text(json.dumps(sub))
+    shutil.copyfile(rec / "train_seed1.log", rec / "train_seed4.log")
+    rows = check_record.check_folder(rec)
+    assert statuses(rows, "seed log", "3") == ["FAIL"] and statuses(rows, "seed log", "4") == ["FAIL"]
+    assert statuses(rows, "seed", "4") == ["FAIL"]  # the copied log says seed 1
+
+
+def test_submission_json_disagreeing_with_a_log(rec: Path) -> None:
+    sub = json.loads((rec / "submission.json").read_text())
+    sub["seed_results"]["1"]["val_bpb"] += 1e-4
+    (rec / "submission.json").write_text(json.dumps(sub))
+    rows = check_record.check_folder(rec)
+    assert statuses(rows, "json val_bpb", "1") == ["FAIL"] and statuses(rows, "json val_bpb", "2") == ["PASS"]
+    assert statuses(rows, "json val_bpb (mean)") == ["PASS"]
+    sub["seed_results"]["1"]["val_bpb"] -= 1e-4
+    sub["val_bpb"] = round(sub["val_bpb"] + 1e-6, 8)
+    sub["bytes_code"] += 1
+    (rec / "submission.json").write_text(json.dumps(sub))
+    rows = check_record.check_folder(rec)
+    assert statuses(rows, "json val_bpb (mean)") == ["FAIL"] and statuses(rows, "json bytes_code") == ["FAIL"]
+
+
+@pytest.mark.parametrize("script, packed, expect", [
+    ("exec(open('other.py').read())\n", True, ["uses exec", "reads a .py file"]),
+    ("import socket\nsocket.create_connection(('example.com', 80))\n", True, ["imports socket"]),
+    ('exec(open(__file__.replace("train_gpt.py", "train_gpt_decode.py")).read())\n', False,
+     ["execs something other than a decodable literal"]),
+    ("import importlib\nm = importlib.import_module('x')\n", False, ["imports importlib", "uses .import_module"]),
+    ("import subprocess\nsubprocess.run(['curl', 'http://x'])\n", True, ["subprocess.run other than"]),
+])
+def test_script_rules(rec: Path, script: str, packed: bool, expect: list[str]) -> None:
+    (rec / "train_gpt.py").write_text(pack(script) if packed else script)
+    rows = check_record.check_folder(rec)
+    violations = " | ".join(r.value for r in rows if r.check == "script rules" and r.status == "FAIL")
+    assert all(e in violations for e in expect), violations
+    assert statuses(rows, "readable twin") in (["FAIL"], []) and statuses(rows, "code vs log", "1") in (["FAIL"], [])
+
+
+def test_scan_source_allows_what_the_trainer_does() -> None:
+    ok = ('import subprocess, torch\nfrom pathlib import Path\nsubprocess.run(["nvidia-smi"], capture_output=True)\n'
+          'code = Path(__file__).read_bytes()\nfiles = {"train_gpt.py": code}\nm = torch.compile(lambda x: x)\n'
+          'class C:\n    compile: str = "auto"\nexcept_ = subprocess.SubprocessError\n')
+    assert check_record.scan_source(ok) == []
+    bad = 'from pathlib import Path\np = Path("helper.py")\nsrc = p.read_text()\nf = eval\n'
+    found = check_record.scan_source(bad)
+    assert any("reads a .py file" in v for v in found) and any("uses eval" in v for v in found)
+
+
+def test_unreadable_input_exits_2(rec: Path, tmp_path: Path, capsys) -> None:
+    assert check_record.main([str(tmp_path / "nope")]) == 2
+    (rec / "submission.json").write_text("{not json")
+    assert check_record.main([str(rec)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("\n") == 2
+
+
+def test_significance_against_a_reference(record: Path, tmp_path: Path) -> None:
+    # a reference whose seeds are clearly worse (by far more than 0.005 nats) vs one that is the same
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    sub = json.loads((record / "submission.json").read_text())
+    worse = {s: {"val_bpb": r["val_bpb"] + 5.0 + 0.001 * i} for i, (s, r) in enumerate(sub["seed_results"].items())}
+    (ref / "submission.json").write_text(json.dumps({"seed_results": worse}))
+    rows = check_record.check_folder(record, against=ref)
+    sig = next(r for r in rows if r.check == "significance")
+    assert sig.status == "PASS" and "0.005 nats at" in sig.value
+    assert statuses(rows, "seeds needed") == ["INFO"]
+    same = {s: {"val_bpb": r["val_bpb"] + 0.0001 * (i - 0.5)} for i, (s, r) in enumerate(sub["seed_results"].items())}
+    (ref / "submission.json").write_text(json.dumps({"seed_results": same}))
+    assert statuses(check_record.check_folder(record, against=ref, alpha=0.01), "significance") == ["FAIL"]
+
+
+# --- submit ----------------------------------------------------------------------------------------------------------
+
+def git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, check=True).stdout
+
+
+@pytest.fixture
+def upstream(tmp_path: Path, monkeypatch) -> Path:
+    """A fresh `git init` standing in for the openai/parameter-golf clone, with a bare `origin` to push to."""
+    monkeypatch.setenv("HOME", str(tmp_path))  # no global git identity: the placeholder is used
+    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
+    for key in ("GIT_AUTHOR_NAME", "GIT_AUTHOR_EMAIL", "GIT_COMMITTER_NAME", "GIT_COMMITTER_EMAIL"):
+        monkeypatch.delenv(key, raising=False)
+    repo = tmp_path / "parameter-golf"
+    subprocess.run(["git", "init", "-q", "-b", "main", str(repo)], check=True)
+    (repo / "README.md").write_text("upstream\n")
+    git(repo, "add", "README.md")
+    git(repo, "-c", "user.name=u", "-c", "user.email=u@x", "commit", "-q", "-m", "init")
+    subprocess.run(["git", "init", "-q", "--bare", str(tmp_path / "origin.git")], check=True)
+    git(repo, "remote", "add", "origin", str(tmp_path / "origin.git"))
+    return repo
+
+
+def test_submit_commits_on_a_new_branch_without_pushing(rec: Path, upstream: Path, capsys) -> None:
+    assert submit.main([str(rec), "--upstream-repo", str(upstream)]) == 0
+    out = capsys.readouterr().out
+    assert "not pushed" in out and "PR title:\nNon-record: Tiny CPU record (val_bpb " in out
+    assert "| 1 |" in out and "torchrun --standalone --nproc_per_node=8" in out
+    assert git(upstream, "branch", "--show-current").strip() == f"record/{RECORD_NAME}"
+    files = git(upstream, "show", "--name-only", "--format=", "HEAD").split()
+    prefix = f"records/track_non_record_16mb/{RECORD_NAME}/"
+    assert sorted(files) == sorted(prefix + f for f in ["README.md", "requirements.txt", "submission.json",
+                                                        "train_gpt.py", "train_seed1.log", "train_seed2.log"])
+    assert git(upstream, "log", "-1", "--format=%an <%ae>").strip() == "pgolf submit <pgolf-submit@localhost>"
+    readme = (upstream / prefix / "README.md").read_text()
+    assert ".ptz" not in readme and "train_gpt_readable.py" not in readme and "`train_seed2.log`" in readme
+    assert (upstream / prefix / "train_gpt.py").read_bytes() == (rec / "train_gpt.py").read_bytes()
+    assert git(upstream, "ls-remote", "origin") == ""  # nothing pushed
+    assert git(upstream, "status", "--porcelain") == ""
+    # again: the branch exists now, so it refuses
+    assert submit.main([str(rec), "--upstream-repo", str(upstream)]) == 1
+
+
+def test_submit_refuses_a_failing_record(rec: Path, upstream: Path, capsys) -> None:
+    (rec / "train_seed2.log").unlink()
+    assert submit.main([str(rec), "--upstream-repo", str(upstream), "--branch", "try"]) == 1
+    assert "fails tools/check_record.py" in capsys.readouterr().err
+    assert git(upstream, "branch", "--list", "try") == "" and git(upstream, "branch", "--show-current").strip() == "main"

@@ -1,0 +1,31 @@
+"""Repository contracts: the README's two commands and CI."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def readme_commands() -> list[str]:
+    return [block.strip() for block in re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S)]
+
+
+def test_readme_first_two_commands() -> None:
+    main_cmd, test_cmd = readme_commands()[:2]
+    assert "\n" not in main_cmd and "\n" not in test_cmd  # one line each, copy-paste ready
+    assert main_cmd.endswith("python tools/dryrun.py") and "pip install" in main_cmd
+    assert test_cmd.endswith("python -m pytest -q") and "requirements-dev.txt" in test_cmd
+
+
+def test_ci_runs_exactly_the_readme_test_command() -> None:
+    test_cmd = readme_commands()[1]
+    ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    assert test_cmd in ci_lines
+
+
+def test_requirements_pin_torch() -> None:
+    reqs = (ROOT / "requirements.txt").read_text().split()
+    assert "torch==2.13.0" in reqs  # installs the local CPU wheel here and PyPI's CUDA build on GPU machines
+    assert not any(r.startswith("flash") for r in reqs)  # Hopper extras live in requirements-gpu.txt
