@@ -729,8 +729,8 @@ def bpb_from_sums(sums: Tensor) -> tuple[float, float]:
 def score_windows(logits_fn: Callable[[Tensor], Tensor], tokens: Tensor, starts: np.ndarray, seq_len: int,
                   stride: int, luts: tuple[Tensor, Tensor, Tensor], batch_windows: int, device: torch.device,
                   amp: Callable, nll_out: Tensor | None = None, hits_out: Tensor | None = None) -> Tensor:
-    """float64 sums (nll, targets, bytes) over the targets these windows score. Windows are zero-padded to seq_len
-    (causal attention: padding after a position cannot change it). If given, nll_out[j] receives target j's nll
+    """float64 sums (nll, targets, bytes) over the targets these windows score. Short windows are padded to seq_len
+    by repeating the last token (causal attention: padding after a position cannot change it). If given, nll_out[j] receives target j's nll
     and hits_out[j] counts how often target j was scored (tools/check_legality.py)."""
     n = tokens.numel() - 1
     ctx = seq_len - stride
@@ -1075,7 +1075,7 @@ def run(cfg: Config, rt: Runtime) -> dict:
     opts = Optimizers(model, cfg, rt.rank, ws, rt.ns_dtype)
     capped = cfg.max_wallclock_seconds > 0
     cap_ms = 1000.0 * max(0.0, cfg.max_wallclock_seconds - cfg.gptq_reserve_seconds) if capped else 0.0
-    if cfg.max_wallclock_seconds > 0:
+    if capped:
         log(f"gptq:reserving {cfg.gptq_reserve_seconds:g}s, effective={cap_ms:.0f}ms")
     ledger = Ledger()
 
@@ -1094,11 +1094,10 @@ def run(cfg: Config, rt: Runtime) -> dict:
     loader = make_loader()
     ema = [p.detach().float().clone() for p in model.parameters()]
 
-    def val_line(label: str) -> tuple[float, float]:
+    def plain_eval() -> tuple[float, float]:
         return evaluate(logits_fn, val_tokens, cfg.eval_seq_len, cfg.eval_seq_len, luts, eval_windows, dev, amp, rt.rank, ws)
 
     train_ms, step, stop_after, looping_step = 0.0, 0, None, None
-    curve: list[tuple[int, float]] = []
     sync(dev)
     t_start = time.perf_counter()
     while True:
@@ -1106,7 +1105,7 @@ def run(cfg: Config, rt: Runtime) -> dict:
         if last or (cfg.val_loss_every > 0 and step % cfg.val_loss_every == 0):
             sync(dev)
             train_ms += 1000 * (time.perf_counter() - t_start)
-            vl, vb = val_line("val")
+            vl, vb = plain_eval()
             log(f"{step}/{cfg.iterations} val_loss: {vl:.4f} val_bpb: {vb:.4f}")
             sync(dev)
             t_start = time.perf_counter()
@@ -1136,7 +1135,6 @@ def run(cfg: Config, rt: Runtime) -> dict:
             tok_s = step * cfg.train_batch_tokens / (elapsed_ms / 1000)
             log(f"{step}/{cfg.iterations} train_loss: {loss.item():.4f} "
                 f"train_time: {elapsed_ms / 60000:.1f}m tok/s: {tok_s:.0f}")
-            curve.append((step, loss.item()))
         if flags[1] > 0 and stop_after is None:
             stop_after = step
     ledger.add("train_loop", train_ms / 1000, "train")
@@ -1160,7 +1158,7 @@ def run(cfg: Config, rt: Runtime) -> dict:
         results[label] = dict(val_loss=vl, val_bpb=vb, eval_time_ms=1000 * dt)
         log(f"{label} val_loss:{vl:.8f} val_bpb:{vb:.8f} eval_time:{1000 * dt:.0f}ms")
 
-    timed_eval("pre-quantization post-ema", "none", lambda: val_line("pre"))
+    timed_eval("pre-quantization post-ema", "none", plain_eval)
 
     # serialize: float checkpoint (not counted), Hessians inside the train budget, GPTQ, artifact written atomically
     model_path, artifact_path = out_dir / "final_model.pt", out_dir / "final_model.int6.ptz"

@@ -10,7 +10,8 @@ run because TTT changes the weights). CPU, one process. Checks (ECOSYSTEM.md §2
   C1 causality / C3 score-before-update: rerun with every token after a cut k replaced by random ids; the loss of
      every target j < k (target j predicts tokens[j+1] from tokens[..j], so it reads only tokens <= k) must be
      bit-identical. With TTT this also proves no earlier score used an update that saw a later token. The run must
-     also change some later loss, or the check saw nothing.
+     also change some later loss, or the check saw nothing. Windows end on multiples of EVAL_STRIDE, so a leak
+     inside a window (a lost causal mask) only shows at cuts off that grid; the default cuts include such cuts.
   C2 normalized: for a few scored windows the logits are recomputed from the window's tokens alone; the vocab
      dimension must be VOCAB_SIZE, the softmax must sum to 1 and exp(-loss) must equal the target's softmax
      probability. (For TTT: chunk 0 with the artifact's weights, the last chunk with the weights after the run,
@@ -103,8 +104,9 @@ def check_causal(eval_fn: EvalFn, tokens: Tensor, base_nll: Tensor, k: int, labe
     if not bool(before.all()):
         j = int(torch.nonzero(~before)[0])
         diff = abs(float(nll[j]) - float(base_nll[j]))
+        why = "a score used a later token or an update that saw one" if "C3" in name else "a score saw a later token"
         return Row(name, mode, cut, False, f"{int((~before).sum())} of {k} targets before the cut changed "
-                   f"(first: target {j}, |dloss| = {diff:.3g}): a score saw a later token")
+                   f"(first: target {j}, |dloss| = {diff:.3g}): {why}")
     if changed_later == 0:
         return Row(name, mode, cut, False, f"no loss after the cut changed ({len(after)} targets): "
                    f"the eval ignores its tokens, so this check saw nothing")
@@ -229,16 +231,16 @@ class TTTEval:
 
 
 def default_cuts(num_targets: int, seq_len: int, stride: int, chunk_tokens: int, mode: str) -> list[tuple[str, int]]:
-    """Cuts on the edges where an off-by-one leak would show, four per mode (each costs one full eval run): window
-    and stride edges for sliding, chunk edges for TTT, one unaligned mid-chunk position for both."""
-    starts = train_gpt.window_starts(num_targets, seq_len, stride)
+    """Four cuts per mode (each costs one full eval run) on the edges where an off-by-one leak would show. Every
+    window ends on a multiple of stride, so a cut there (or one before) cannot see a leak inside a window, such as
+    a lost causal mask: each mode also gets cuts off the stride grid."""
     num_chunks = -(-num_targets // chunk_tokens)
     mid_chunk = (num_chunks - 1) // 2 * chunk_tokens + min(chunk_tokens, num_targets) // 2 + stride // 2 + 1
-    stride_edge = ("stride boundary", seq_len + 3 * stride)  # where window 3's scored span starts
+    window_end = ("window end", seq_len + 3 * stride)  # also a stride boundary: window 3's scored span ends here
     candidates = {
-        "sliding": [("first window end", seq_len), stride_edge, ("window end", int(starts[len(starts) // 2]) + seq_len),
+        "sliding": [("inside first window", seq_len // 2 + 1), ("first window end", seq_len), window_end,
                     ("mid-chunk", mid_chunk)],
-        "ttt": [stride_edge, ("mid-chunk", mid_chunk), ("chunk boundary-1", chunk_tokens - 1),
+        "ttt": [window_end, ("mid-chunk", mid_chunk), ("chunk boundary-1", chunk_tokens - 1),
                 ("chunk boundary+1", chunk_tokens + 1)],
     }[mode]
     seen: dict[int, str] = {}
@@ -280,8 +282,6 @@ def load_config(config_path: Path | None, artifact: Path) -> tuple[train_gpt.Con
 
 def load_model_fn(artifact: Path, cfg: train_gpt.Config) -> Callable[[], train_gpt.GPT]:
     """A loader of fresh models from the artifact; fails early (CheckError) if the artifact does not fit cfg."""
-    if not artifact.is_file():
-        raise CheckError(f"{artifact}: no such artifact")
 
     def load() -> train_gpt.GPT:
         return train_gpt.load_quantized_model(artifact, cfg, CPU)
@@ -316,21 +316,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", type=Path, help="run_summary.json whose \"config\" is the run's Config (default: the "
                     "one beside the artifact, else env vars as train_gpt.py reads them)")
     ap.add_argument("--cuts", type=int, nargs="+", help="cut positions k (tokens after k are replaced), for every mode; "
-                    "default per mode: the first window's end, a stride boundary, a window end, chunk boundary +-1 and "
-                    "a mid-chunk position")
+                    "default, 4 per mode: inside and at the end of the first window, a window end (= stride boundary), a "
+                    "mid-chunk position, chunk boundary -1 and +1")
     ap.add_argument("--seed", type=int, default=0, help="seed of the random replacement tokens")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for tiny models on "
                     "busy shared cores; bit-identity is compared within one run, so any value is valid)")
     ap.add_argument("--batch-windows", type=int, default=32, help="windows per forward (upstream's per-rank 32)")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
+    cfg_source = ""
     try:
+        if not args.artifact.is_file():
+            raise CheckError(f"{args.artifact}: no such artifact")
         cfg, cfg_source = load_config(args.config, args.artifact)
         overrides = {k: str(v) for k, v in (("data_path", args.data_dir), ("tokenizer_path", args.tokenizer)) if v}
         cfg = dataclasses.replace(cfg, **overrides)
         if not cfg.dataset_dir.is_dir():
             raise CheckError(f"{cfg.dataset_dir}: no such dataset dir")
-        sp = train_gpt.load_tokenizer(cfg.tokenizer_file, cfg.vocab_size)
+        try:
+            sp = train_gpt.load_tokenizer(cfg.tokenizer_file, cfg.vocab_size)
+        except RuntimeError:  # sentencepiece's parse error
+            raise CheckError(f"{cfg.tokenizer_file}: not a SentencePiece model") from None
         luts = train_gpt.build_byte_luts(sp, cfg.vocab_size)
         L, S, C = cfg.eval_seq_len, cfg.eval_stride, cfg.ttt_chunk_tokens
         val = train_gpt.load_val_tokens(str(cfg.dataset_dir / "fineweb_val_*.bin"), L, cfg.vocab_size)
@@ -346,7 +352,8 @@ def main(argv: list[str] | None = None) -> int:
             raise CheckError("--batch-windows and --threads must be >= 1")
         load = load_model_fn(args.artifact, cfg)
     except (CheckError, train_gpt.ShardError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        hint = "; the config came from env vars: pass --config run_summary.json" if cfg_source.startswith("env") else ""
+        print(f"error: {e}{hint}", file=sys.stderr)
         return 2
     num_chunks = -(-n // C)
     print(f"artifact {args.artifact}; config from {cfg_source}")

@@ -305,10 +305,14 @@ def check_folder(folder: Path, against: Path | None = None, alpha: float = 0.01)
     if not violations:
         rows.append(Row("script rules", "", "no exec, .py reads, network or non-allow-listed imports",
                         "static AST walk", "PASS"))
+    try:
+        inner_dump = normalized_dump(inner, "train_gpt.py") if inner is not None else None
+    except RecordError:  # already a script-rules FAIL
+        inner_dump = None
     twin = folder / "train_gpt_readable.py"
     if twin.is_file() and inner is not None:
         try:
-            same = normalized_dump(twin.read_text(encoding="utf-8"), twin.name) == normalized_dump(inner, "train_gpt.py")
+            same = inner_dump is not None and normalized_dump(twin.read_text(encoding="utf-8"), twin.name) == inner_dump
         except RecordError:
             same = False
         rows.append(Row("readable twin", "", "AST-equivalent" if same else "differs from the packed script",
@@ -333,6 +337,7 @@ def check_folder(folder: Path, against: Path | None = None, alpha: float = 0.01)
     artifacts = {int(m[1]): p for p in folder.glob("final_model_seed*.int6.ptz")
                  if (m := re.fullmatch(r"final_model_seed(\d+)\.int6\.ptz", p.name))}
     totals: dict[int, int] = {}
+    logged_same: dict[tuple, bool] = {}
     limit = f"<= {ARTIFACT_LIMIT_BYTES:,}"
     for seed, p in sorted(logs.items()):
         s = str(seed)
@@ -357,13 +362,14 @@ def check_folder(folder: Path, against: Path | None = None, alpha: float = 0.01)
                         "PASS" if totals[seed] <= ARTIFACT_LIMIT_BYTES else "FAIL"))
         rows += _time_rows(s, p)
         if p["sources"] and inner is not None:
-            try:
-                if set(p["sources"]) == {"train_gpt.py"} and p["sources"]["train_gpt.py"] == text:
-                    same = True
-                else:
-                    same = normalized_dump(inline_quant(p["sources"]), "logged") == normalized_dump(inner, "script")
-            except RecordError:
-                same = False
+            key = tuple(sorted(p["sources"].items()))
+            if key not in logged_same:  # seeds normally share their sources: inline and parse them once
+                try:
+                    logged_same[key] = p["sources"] == {"train_gpt.py": text} or (
+                        inner_dump is not None and normalized_dump(inline_quant(p["sources"]), "logged") == inner_dump)
+                except RecordError:
+                    logged_same[key] = False
+            same = logged_same[key]
             rows.append(Row("code vs log", s, "the logged sources are this script" if same else
                             "the logged sources differ from this script", "AST-equal", "PASS" if same else "FAIL"))
         elif inner is not None:

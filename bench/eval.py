@@ -1,0 +1,144 @@
+"""Eval benchmark: plain, sliding-window and score-first TTT throughput on a quantized cpu_tiny model.
+
+Run from the repo root: `python bench/eval.py [--run runs/bench/ref] [--retrain] [--repeats 3]`. The run folder is a
+trainer run of configs/cpu_tiny.env with the full pipeline (sliding window and TTT on, like tools/dryrun.py); it is
+trained first when it has no run_summary.json (or with --retrain). Its artifact is reloaded with the trainer's own
+loader and scored with `train_gpt.evaluate` (stride = seq_len, then EVAL_STRIDE) and `train_gpt.eval_ttt`, each
+repeated; every repeat starts TTT from a fresh copy of the artifact. Prints val tokens/s per mode (medians), the
+sliding/plain and TTT/sliding cost ratios (medians of per-repeat ratios, so slow and fast moments cancel), and the
+share of each phase in the run's time ledger.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+import train_gpt as tg  # noqa: E402
+from bench.common import RUNS, md_table, median, progress, run_trainer, spread  # noqa: E402
+
+MODES = ("plain", "sliding", "ttt")
+
+
+def ensure_reference_run(run_dir: Path, retrain: bool, seconds: float | None) -> None:
+    """Train the cpu_tiny reference run into run_dir unless it is already there."""
+    if not retrain and (run_dir / "run_summary.json").is_file():
+        progress(f"reference run: reusing {run_dir}")
+        return
+    overrides = {} if seconds is None else {"MAX_WALLCLOCK_SECONDS": f"{seconds:g}"}
+    progress("reference run: configs/cpu_tiny.env, full pipeline (train, GPTQ, plain + sliding + TTT eval)")
+    run_trainer(run_dir, overrides, "reference")
+
+
+def run_mode(mode: str, model: tg.GPT, cfg: tg.Config, val: torch.Tensor, luts: tuple, rt: tg.Runtime) -> float:
+    """One eval of the quantized model in `mode`; returns val_bpb."""
+    L = cfg.eval_seq_len
+    windows = max(1, cfg.val_batch_tokens // (tg.grad_accum_steps(cfg, 1) * L))
+    if mode == "ttt":
+        return tg.eval_ttt(model, val, cfg, luts, windows, rt.device, rt.amp)[1]
+    stride = L if mode == "plain" else cfg.eval_stride
+    return tg.evaluate(model.forward_logits, val, L, stride, luts, windows, rt.device, rt.amp)[1]
+
+
+def time_modes(cfg: tg.Config, artifact: Path, val: torch.Tensor, luts: tuple, repeats: int) -> dict[str, dict]:
+    """Seconds and val_bpb of each eval mode over `repeats` rounds (plain, sliding, TTT in every round)."""
+    rt = tg.setup_runtime()
+    out = {m: {"seconds": [], "bpb": None} for m in MODES}
+    for r in range(repeats):
+        model = tg.load_quantized_model(artifact, cfg, rt.device)  # TTT adapts the weights: a fresh copy every round
+        for mode in MODES:
+            t = time.perf_counter()
+            out[mode]["bpb"] = run_mode(mode, model, cfg, val, luts, rt)
+            out[mode]["seconds"].append(time.perf_counter() - t)
+        progress(f"  round {r + 1}/{repeats}: " + ", ".join(f"{m} {out[m]['seconds'][-1]:.1f}s" for m in MODES))
+    return out
+
+
+def report(run_dir: Path, cfg: tg.Config, summary: dict, res: dict[str, dict], n: int) -> str:
+    L, S, C = cfg.eval_seq_len, cfg.eval_stride, cfg.ttt_chunk_tokens
+    n_windows = {"plain": len(tg.window_starts(n, L, L)), "sliding": len(tg.window_starts(n, L, S))}
+    n_windows["ttt"] = n_windows["sliding"]
+    chunks = len(tg.ttt_chunks(n, L, S, C))
+    work = {"plain": "forward", "sliding": "forward", "ttt": f"forward + SGD on {chunks - 1} of {chunks} chunks"}
+    rows = []
+    for mode in MODES:
+        secs = res[mode]["seconds"]
+        rows.append([mode, f"{n_windows[mode]:,}", f"{n_windows[mode] * L:,}", work[mode], spread(secs, ".2f"),
+                     f"{n / median(secs):,.0f}", f"{res[mode]['bpb']:.5f}"])
+    out = [f"Run `{run_dir.name}`: {n:,} val tokens, EVAL_SEQ_LEN={L}, EVAL_STRIDE={S}, TTT_CHUNK_TOKENS={C}, "
+           f"TTT_EPOCHS={cfg.ttt_epochs}, {len(res['plain']['seconds'])} rounds; quantized model (artifact reloaded).",
+           "",
+           md_table(["mode", "windows", "positions run", "work", "seconds: median (range)", "val tokens/s", "val_bpb"],
+                    rows, "llrlrrr")]
+
+    def ratio(a: str, b: str) -> str:
+        per = [x / y for x, y in zip(res[a]["seconds"], res[b]["seconds"])]
+        return spread(per, ".2f")
+
+    out += ["", md_table(["cost ratio (time)", "median of per-round ratios (range)"],
+                         [["sliding / plain", ratio("sliding", "plain")], ["TTT / sliding", ratio("ttt", "sliding")],
+                          ["TTT / plain", ratio("ttt", "plain")]], "lr")]
+    ledger = summary["time_ledger"]
+    total = sum(row["seconds"] for row in ledger)
+    rows = [[row["phase"], row["budget"], f"{row['seconds']:.1f}", f"{100 * row['seconds'] / total:.1f}%"]
+            for row in ledger]
+    ev, tr = summary["time_totals"]["eval"], summary["time_totals"]["train"]
+    rows.append(["**total**", "", f"{total:.1f}", "100%"])
+    out += ["", f"Time ledger of the run (`{run_dir.name}/run_summary.json`, {summary['steps']} training steps):", "",
+            md_table(["phase", "budget", "seconds", "share of run"], rows, "llrr"), "",
+            f"Eval budget (sliding + TTT) {ev:.1f} s = **{100 * ev / total:.1f}%** of the run's ledger "
+            f"({100 * ev / (ev + tr):.1f}% of train + eval budgets); train budget {tr:.1f} s."]
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", type=Path, default=RUNS / "ref",
+                   help="trainer run folder (run_summary.json, final_model.int6.ptz); trained here if missing")
+    p.add_argument("--retrain", action="store_true", help="train the reference run again even if it exists")
+    p.add_argument("--seconds", type=float,
+                   help="MAX_WALLCLOCK_SECONDS of a reference run trained here (default: the one of configs/cpu_tiny.env)")
+    p.add_argument("--repeats", type=int, default=3, help="rounds of plain + sliding + TTT eval")
+    p.add_argument("--val-tokens", type=int, default=0,
+                   help="score only the first N val tokens (rounded down to whole EVAL_SEQ_LEN sequences); 0 = all")
+    args = p.parse_args(argv)
+    if args.repeats < 1 or args.val_tokens < 0 or (args.seconds is not None and args.seconds <= 0):
+        p.error("need --repeats >= 1, --val-tokens >= 0 and --seconds > 0")
+    run_dir = args.run.resolve()
+    os.chdir(Path(__file__).resolve().parent.parent)  # the run's data paths are relative to the repo root
+    ensure_reference_run(run_dir, args.retrain, args.seconds)
+    summary_path, artifact = run_dir / "run_summary.json", run_dir / "final_model.int6.ptz"
+    for path in (summary_path, artifact):
+        if not path.is_file():
+            print(f"bench/eval.py: {path} not found; train the run with --retrain", file=sys.stderr)
+            return 2
+    try:
+        cfg = tg.Config.from_summary(summary_path)
+        sp = tg.load_tokenizer(cfg.tokenizer_file, cfg.vocab_size)
+        luts = tg.build_byte_luts(sp, cfg.vocab_size)
+        val = tg.load_val_tokens(str(cfg.dataset_dir / "fineweb_val_*.bin"), cfg.eval_seq_len, cfg.vocab_size)
+    except (OSError, ValueError, KeyError) as e:
+        print(f"bench/eval.py: {e}", file=sys.stderr)
+        return 2
+    if args.val_tokens:
+        usable = min(args.val_tokens, val.numel() - 1) // cfg.eval_seq_len * cfg.eval_seq_len
+        if usable < cfg.ttt_chunk_tokens:
+            p.error(f"--val-tokens must keep at least one TTT chunk ({cfg.ttt_chunk_tokens} tokens)")
+        val = val[: usable + 1]
+    summary = json.loads(summary_path.read_text())
+    progress(f"eval bench: {args.repeats} rounds on {val.numel() - 1:,} val tokens ({cfg.eval_seq_len}-token windows)")
+    res = time_modes(cfg, artifact, val, luts, args.repeats)
+    print(report(run_dir, cfg, summary, res, val.numel() - 1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
