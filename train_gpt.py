@@ -730,8 +730,8 @@ def score_windows(logits_fn: Callable[[Tensor], Tensor], tokens: Tensor, starts:
                   stride: int, luts: tuple[Tensor, Tensor, Tensor], batch_windows: int, device: torch.device,
                   amp: Callable, nll_out: Tensor | None = None, hits_out: Tensor | None = None) -> Tensor:
     """float64 sums (nll, targets, bytes) over the targets these windows score. Short windows are padded to seq_len
-    by repeating the last token (causal attention: padding after a position cannot change it). If given, nll_out[j] receives target j's nll
-    and hits_out[j] counts how often target j was scored (tools/check_legality.py)."""
+    by repeating the last token (causal attention: padding after a position cannot change it). If given,
+    nll_out[j] receives target j's nll and hits_out[j] counts how often target j was scored (check_legality.py)."""
     n = tokens.numel() - 1
     ctx = seq_len - stride
     offsets = torch.arange(seq_len)
@@ -1041,7 +1041,7 @@ def run(cfg: Config, rt: Runtime) -> dict:
     use_compile = cfg.compile == "1" or (cfg.compile == "auto" and dev.type == "cuda")
     log("Hyperparameters:")
     derived = dict(dataset_dir=cfg.dataset_dir, tokenizer_file=cfg.tokenizer_file, world_size=ws, rank=rt.rank,
-                   grad_accum_steps=accum, device=dev, run_id=run_id)
+                   grad_accum_effective=accum, device=dev, run_id=run_id)
     for key, value in sorted({**dataclasses.asdict(cfg), **derived}.items()):
         log(f"  {key}: {value}")
 
@@ -1064,7 +1064,7 @@ def run(cfg: Config, rt: Runtime) -> dict:
     np.random.seed(cfg.seed)
     model = GPT(cfg).to(dev)
     log(f"model_params:{sum(p.numel() for p in model.parameters())}")
-    log(f"world_size:{ws} grad_accum_steps:{accum} device:{dev.type} "
+    log(f"world_size:{ws} grad_accum_steps:{accum} device:{dev.type} cpus:{os.cpu_count()} "
         f"attention:{'fa3' if _fa3_func is not None and dev.type == 'cuda' else 'sdpa'} compile:{use_compile}")
     train_model: nn.Module = torch.compile(model, dynamic=False, fullgraph=True) if use_compile else model
     logits_fn = torch.compile(model.forward_logits, dynamic=False, fullgraph=True) if use_compile else model.forward_logits
@@ -1170,13 +1170,24 @@ def run(cfg: Config, rt: Runtime) -> dict:
     sync(dev)
     t = time.perf_counter()
     calib = make_loader()
-    hessians, count = collect_hessians(
-        model, (calib.next_batch(micro_seqs)[0].to(dev) for _ in range(cfg.gptq_calibration_batches)),
-        cfg.passthrough_numel, amp)
+    deadline = t + cfg.max_wallclock_seconds - train_ms / 1000 if capped else math.inf  # 600 s includes calibration
+
+    def calibration_batches() -> Iterator[Tensor]:
+        for i in range(cfg.gptq_calibration_batches):
+            now = time.perf_counter()
+            if i > 0 and now + (now - t) / i > deadline:  # the next batch would end past the train budget
+                return
+            yield calib.next_batch(micro_seqs)[0].to(dev)
+
+    hessians, count = collect_hessians(model, calibration_batches(), cfg.passthrough_numel, amp)
+    total = int(all_reduce_(torch.tensor(float(count), device=dev)))
     for name in sorted(hessians):  # improvement on upstream: calibrate on every rank's data, not rank 0's only
-        hessians[name] = all_reduce_(hessians[name]) / (count * ws)
+        hessians[name] = all_reduce_(hessians[name]) / total
     sync(dev)
     ledger.add("gptq_hessians", time.perf_counter() - t, "train")
+    if total < cfg.gptq_calibration_batches * ws:
+        log(f"GPTQ:calibration stopped at {total}/{cfg.gptq_calibration_batches * ws} batches to end inside the "
+            f"{cfg.max_wallclock_seconds:g}s train budget")
     log(f"GPTQ:collected {len(hessians)} Hessians in {time.perf_counter() - t:.1f}s")
     t = time.perf_counter()
     if rt.is_master:

@@ -219,6 +219,10 @@ def run_benchmark(state: dict[str, Tensor], hessians: dict[str, Tensor], codecs:
     out += ["", "Every codec against the order-0 entropy bound (sum over tensors of the codes' and the fp16 scales' / "
             "passthrough values' empirical entropy). GPTQ/RTN bytes are whole artifacts (header + manifest + "
             "payload); the baseline's is its raw payload compressed.", "", md_table(heads, rows)]
+    g = results["gptq"]
+    out += ["", "**Bytes ÷ order-0 bound** (GPTQ artifact): " + ", ".join(
+        f"{CODEC_LABEL[c]} {g[2][c][0] / g[3]:.3f}" for c in codecs) + f"; baseline payload zlib-9 "
+        f"{base_sizes['zlib'] / base_bound:.3f}."]
     out.append("\nCompress time (s): " + ", ".join(f"{m} {CODEC_LABEL[c]} {results[m][2][c][1]:.1f}"
                                                     for m in ("gptq", "rtn") for c in codecs))
 

@@ -273,3 +273,22 @@ def test_read_log_keeps_bytes(tmp_path: Path) -> None:
     path = tmp_path / "crlf.txt"
     path.write_bytes(framed("train_gpt.py", body).encode() + (SEP + "\n").encode())
     assert parse_log(read_log(path))["sources"] == {"train_gpt.py": body}
+
+
+def test_gpu_rows_from_the_nvidia_smi_header() -> None:
+    smi = ("+-----------------------------------------------------------------------------------------+\n"
+           "| GPU  Name                 Persistence-M | Bus-Id          Disp.A | Volatile Uncorr. ECC |\n"
+           "|=========================================+========================+======================|\n"
+           "|   0  NVIDIA H100 80GB HBM3          On  |   00000000:18:00.0 Off |                    0 |\n"
+           "| N/A   33C    P0            119W /  700W |    1234MiB /  81559MiB |      0%      Default |\n"
+           "|   1  NVIDIA H100 80GB HBM3          On  |   00000000:2A:00.0 Off |                    0 |\n")
+    text = f"src\n{SEP}\nRunning Python 3.11.7\nRunning PyTorch 2.9.1+cu128\n{smi}{SEP}\nlog\n"
+    assert parse_log(text)["gpus"] == ["NVIDIA H100 80GB HBM3"] * 2
+    assert parse_log(f"{SEP}\nRunning Python 3.11\nnvidia-smi: not available (CPU run)\n{SEP}\n")["gpus"] == []
+
+
+def test_cli_prints_source_sizes_not_text(tmp_path: Path) -> None:
+    log = tmp_path / "framed.txt"
+    log.write_text(framed("train_gpt.py", "x = 'é'\n") + SEP + "\n")
+    row = json.loads(run_cli(str(log)).stdout)
+    assert row["sources"] == {"train_gpt.py": 9} and row["code_bytes_logged"] == 9

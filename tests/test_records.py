@@ -228,6 +228,8 @@ def test_pack_keeps_dataclass_fields_drops_signatures() -> None:
     (lambda s: {**s, "quant/a.py": s["quant/a.py"].replace("import os", "from quant.b import Codec")}, "cycle"),
     (lambda s: {**s, "train_gpt.py": s["train_gpt.py"].replace("# <<< inline quant\n", "")}, "exactly one"),
     (lambda s: {k: v for k, v in s.items() if k != "quant/b.py"}, "no inlined quant module defines it"),
+    (lambda s: {**s, "quant/b.py": s["quant/b.py"].replace("import scale", "import scale, nope")},
+     "imports `nope` from quant/a.py, which does not define it"),
 ])
 def test_inline_errors_are_one_line(change, match: str) -> None:
     with pytest.raises(RecordError, match=match):
@@ -238,8 +240,7 @@ def test_inline_errors_are_one_line(change, match: str) -> None:
 
 def run_build_cli(tiny_runs: list[Path], out: Path, *extra: str) -> int:
     args = [a for d in tiny_runs for a in ("--run", str(d))]
-    return build_record.main([*args, "--name", "Tiny CPU record", "--author", "A", "--github-id", "a",
-                              "--out", str(out), *extra])
+    return build_record.main([*args, "--name", "Tiny CPU record", "--out", str(out), *extra])
 
 
 def test_cpu_runs_cannot_be_a_10min_record(tiny_runs: list[Path], tmp_path: Path, capsys) -> None:
@@ -387,7 +388,7 @@ def test_scan_source_allows_what_the_trainer_does() -> None:
     ok = ('import subprocess, torch\nfrom pathlib import Path\nsubprocess.run(["nvidia-smi"], capture_output=True)\n'
           'code = Path(__file__).read_bytes()\nfiles = {"train_gpt.py": code}\nm = torch.compile(lambda x: x)\n'
           'class C:\n    compile: str = "auto"\nexcept_ = subprocess.SubprocessError\n')
-    assert check_record.scan_source(ok) == []
+    assert check_record.scan_source(ok) == ()
     bad = 'from pathlib import Path\np = Path("helper.py")\nsrc = p.read_text()\nf = eval\n'
     found = check_record.scan_source(bad)
     assert any("reads a .py file" in v for v in found) and any("uses eval" in v for v in found)
@@ -461,7 +462,32 @@ def test_submit_commits_on_a_new_branch_without_pushing(rec: Path, upstream: Pat
 
 
 def test_submit_refuses_a_failing_record(rec: Path, upstream: Path, capsys) -> None:
+    sub = json.loads((rec / "submission.json").read_text())
+    (rec / "submission.json").write_text(json.dumps({**sub, "github_id": "unknown"}))  # build_record's default
+    assert submit.main([str(rec), "--upstream-repo", str(upstream), "--branch", "try"]) == 1
+    assert "no author/github_id" in capsys.readouterr().err
+    (rec / "submission.json").write_text(json.dumps(sub))
     (rec / "train_seed2.log").unlink()
     assert submit.main([str(rec), "--upstream-repo", str(upstream), "--branch", "try"]) == 1
     assert "fails tools/check_record.py" in capsys.readouterr().err
     assert git(upstream, "branch", "--list", "try") == "" and git(upstream, "branch", "--show-current").strip() == "main"
+
+
+def test_hardware_from_logs() -> None:
+    def run(gpus: list[str], device: str, **runtime: object) -> build_record.Run:
+        return build_record.Run(Path("x.log"), Path("x.ptz"), {"gpus": gpus, "runtime": {"device": device, **runtime}})
+
+    h100 = ["NVIDIA H100 80GB HBM3"] * 8
+    assert build_record.hardware([run(h100, "cuda"), run(h100, "cuda")]) == ("8xNVIDIA H100 80GB HBM3", True)
+    assert build_record.hardware([run(h100[:2], "cuda")]) == ("2xNVIDIA H100 80GB HBM3", False)
+    assert build_record.hardware([run([], "cpu", cpus=16)]) == ("CPU (16 cores), not 8xH100", False)
+    with pytest.raises(RecordError, match="different hardware"):
+        build_record.hardware([run(h100, "cuda"), run(h100[:4], "cuda")])
+
+
+def test_submit_include_readable(rec: Path, upstream: Path, capsys) -> None:
+    assert submit.main([str(rec), "--upstream-repo", str(upstream), "--branch", "rec-readable",
+                        "--include-readable"]) == 0
+    files = git(upstream, "show", "--name-only", "--format=", "HEAD").split()
+    assert f"records/track_non_record_16mb/{RECORD_NAME}/train_gpt_readable.py" in files and len(files) == 7
+    assert "`train_gpt_readable.py`" in capsys.readouterr().out

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tools import dryrun, requantize
 
@@ -26,17 +27,21 @@ def test_tiny_run_summary(tiny_run) -> None:
 
 
 def test_requantize_sweep(tiny_run, capsys) -> None:
-    rc = requantize.main(["--checkpoint", str(tiny_run.out_dir / "final_model.pt"), "--matrix-clip-sigmas", "6", "12.85",
-                          "--embed-bits", "8"])
+    threads = torch.get_num_threads()
+    try:  # main() sets up the runtime like the trainer does (threads = cores), so restore them afterwards
+        rc = requantize.main(["--checkpoint", str(tiny_run.out_dir / "final_model.pt"), "--matrix-clip-sigmas", "6",
+                              "12.85", "--embed-bits", "8"])
+    finally:
+        torch.set_num_threads(threads)
     out = capsys.readouterr().out
     assert rc == 0, out
     rows = [line.split() for line in out.splitlines() if re.match(r"^\s+6\s", line)]
     assert len(rows) == 2
     sizes = {float(r[1]): int(r[5].replace(",", "")) for r in rows}
     assert sizes[6.0] > sizes[12.85]  # SDClip: a wider clip (coarser step) compresses smaller
-    # the run's own setting reproduces the trainer's quantized score exactly
+    # the run's own setting reproduces the trainer's quantized score (up to float32 reduction order: threads differ)
     trained = tiny_run.summary["evals"]["quantized"]["val_bpb"]
-    assert float(next(r for r in rows if float(r[1]) == 12.85)[8]) == pytest.approx(trained, abs=1e-8)
+    assert float(next(r for r in rows if float(r[1]) == 12.85)[8]) == pytest.approx(trained, abs=1e-5)
 
 
 def test_requantize_missing_checkpoint(tmp_path, capsys) -> None:

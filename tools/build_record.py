@@ -21,12 +21,14 @@ import ast
 import base64
 import contextlib
 import datetime as dt
+import functools
 import io
 import json
 import lzma
 import math
 import os
 import re
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -46,6 +48,7 @@ from tools.parse_log import parse_log, read_log  # noqa: E402
 ARTIFACT_LIMIT_BYTES = 16_000_000
 TIME_LIMIT_S = 600.0
 TRACKS = ("10min_16mb", "non_record_16mb")
+UNKNOWN = "unknown"  # author / github_id placeholder for local builds (tools/dryrun.py)
 MARK_BEGIN, MARK_END = "# >>> inline quant", "# <<< inline quant"
 # The self-extracting wrapper of record P (PR #1394 lineage): raw LZMA2 saves the xz container's ~60 bytes.
 WRAP_HEAD = 'import lzma as L,base64 as B\nexec(L.decompress(B.b85decode("'
@@ -53,8 +56,6 @@ WRAP_TAIL = '"),format=L.FORMAT_RAW,filters=[{"id":L.FILTER_LZMA2}]))\n'
 LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
 READS_ANNOTATIONS = re.compile(r"__annotations__|get_type_hints|\bsignature\(|annotationlib")
 RUN_BOOKKEEPING = {"seed", "run_id", "out_dir"}  # Config fields that differ per run and do not change the result
-# The Hyperparameters dump prints the effective grad_accum_steps over the field (0 = 8 // world_size, else 1).
-DUMP_DERIVED = {"grad_accum_steps": lambda hp: 8 // hp["world_size"] if 8 % hp["world_size"] == 0 else 1}
 # Tiny CPU config for the packed-file smoke run: every stage but sliding/TTT, GPTQ on real Hessians (matrices of
 # 64x64 and up exceed PASSTHROUGH_NUMEL), a few seconds on one core.
 SMOKE_ENV = dict(NUM_LAYERS="2", MODEL_DIM="64", NUM_HEADS="2", NUM_KV_HEADS="1", ROPE_DIMS="8", MLP_MULT="2",
@@ -64,7 +65,7 @@ SMOKE_ENV = dict(NUM_LAYERS="2", MODEL_DIM="64", NUM_HEADS="2", NUM_KV_HEADS="1"
                  VAL_BATCH_TOKENS="4096", EVAL_SEQ_LEN="64", EVAL_STRIDE="32", TTT_CHUNK_TOKENS="4096",
                  SLIDING_WINDOW_ENABLED="0", TTT_ENABLED="0", GPTQ_CALIBRATION_BATCHES="2",
                  PASSTHROUGH_NUMEL="1024")
-SMOKE_TRAIN_TOKENS, SMOKE_VAL_TOKENS = 32_768, 8_193
+SMOKE_TRAIN_TOKENS, SMOKE_VAL_TOKENS = 32_768, 4_097
 SMOKE_TIMEOUT_S = 600
 
 
@@ -126,6 +127,11 @@ def _quant_imports(tree: ast.AST) -> list[ast.ImportFrom | ast.Import]:
     return out
 
 
+def _src_lines(src: str) -> list[str]:
+    """Lines as the parser numbers them (str.splitlines would also split on form feeds and other separators)."""
+    return (src[:-1] if src.endswith("\n") else src).split("\n")
+
+
 def _import_sort_key(name: str) -> tuple[int, str]:
     """isort's order-by-type inside `from x import ...`: CONSTANTS, Classes, functions."""
     kind = 0 if name.isupper() and len(name) > 1 else 1 if name[:1].isupper() else 2
@@ -140,7 +146,7 @@ def format_imports(plain: set[tuple[str, str | None]], froms: dict[str, set[tupl
     groups: list[list[str]] = [[], []]
     for std in (True, False):
         lines = groups[0 if std else 1]
-        for name, asname in sorted(plain):
+        for name, asname in sorted(plain, key=lambda x: (x[0], x[1] or "")):
             if (name.split(".")[0] in sys.stdlib_module_names) == std:
                 lines.append(f"import {alias(name, asname)}")
         for module in sorted(froms):
@@ -183,7 +189,7 @@ def inline_quant(sources: dict[str, str]) -> str:
     others = sorted(set(sources) - set(quant_files) - {"train_gpt.py"})
     if others:
         raise RecordError(f"logged sources {others} are neither train_gpt.py nor quant/*.py; cannot inline them")
-    lines = main_src.splitlines()
+    lines = _src_lines(main_src)
     begins = [i for i, line in enumerate(lines) if line.startswith(MARK_BEGIN)]
     ends = [i for i, line in enumerate(lines) if line.startswith(MARK_END)]
     if not quant_files:
@@ -248,9 +254,10 @@ def inline_quant(sources: dict[str, str]) -> str:
     main_rest = [n for n in tree.body if n.lineno > e]
     defined = {name: "train_gpt.py" for name in _top_level_names(main_rest)}
     chunks: list[str] = []
+    needs: list[tuple[str, str, str]] = []  # (name, defining module, importing module) between quant modules
     for mod in order:
         fname = f"quant/{mod}.py"
-        src_lines = quant_files[fname].splitlines()
+        src_lines = _src_lines(quant_files[fname])
         drop: set[int] = set()
         body = mods[mod].body
         doc = ""
@@ -262,9 +269,9 @@ def inline_quant(sources: dict[str, str]) -> str:
             if i == 0 and _is_docstring(node):
                 doc = node.value.value
             elif isinstance(node, ast.Import | ast.ImportFrom):
-                if isinstance(node, ast.ImportFrom) and node.module == "__future__":
-                    pass
-                elif not _quant_imports(node):
+                if _quant_imports(node):
+                    needs += [(a.name, f"quant/{node.module.split('.', 1)[1]}.py", fname) for a in node.names]
+                elif not (isinstance(node, ast.ImportFrom) and node.module == "__future__"):
                     add_import(node, fname)
             elif not is_all:
                 kept_nodes.append(node)
@@ -279,6 +286,9 @@ def inline_quant(sources: dict[str, str]) -> str:
         kept = re.sub(r"\n{3,}", "\n\n\n", kept).strip("\n")
         header = f"# ---- {fname}" + "".join(f"\n# {line}".rstrip() for line in doc.strip().splitlines())
         chunks.append(f"{header}\n\n\n{kept}")
+    for name, src, user in needs:
+        if defined.get(name) != src:
+            raise RecordError(f"{user} imports `{name}` from {src}, which does not define it at top level")
     for name in sorted(wanted):
         if defined.get(name, "train_gpt.py") == "train_gpt.py":
             raise RecordError(f"train_gpt.py imports `{name}` from quant but no inlined quant module defines it")
@@ -402,6 +412,7 @@ class _Normalize(ast.NodeTransformer):
         return ast.Assign(targets=[node.target], value=value, lineno=node.lineno)
 
 
+@functools.lru_cache(maxsize=16)  # pure; check_record compares the same few sources several times
 def normalized_dump(src: str, name: str) -> str:
     return ast.dump(_Normalize().visit(_parse(src, name)))
 
@@ -503,7 +514,7 @@ def _same_value(logged: Any, default: Any) -> bool:
 
 
 def _env_value(v: Any) -> str:
-    return ("1" if v else "0") if isinstance(v, bool) else str(v)
+    return ("1" if v else "0") if isinstance(v, bool) else shlex.quote(str(v))
 
 
 def config_overrides(runs: list[Run], defaults: dict[str, Any]) -> dict[str, str]:
@@ -512,9 +523,7 @@ def config_overrides(runs: list[Run], defaults: dict[str, Any]) -> dict[str, str
     for run in runs:
         hp = run.parsed["hyperparameters"]
         per_run.append({k.upper(): _env_value(hp[k]) for k in sorted(defaults)
-                        if k in hp and k not in RUN_BOOKKEEPING and not _same_value(hp[k], defaults[k])
-                        and not (k in DUMP_DERIVED and isinstance(hp.get("world_size"), int)
-                                 and hp[k] == DUMP_DERIVED[k](hp))})
+                        if k in hp and k not in RUN_BOOKKEEPING and not _same_value(hp[k], defaults[k])})
     for run, ov in zip(runs[1:], per_run[1:]):
         if ov != per_run[0]:
             key = sorted(set(ov.items()) ^ set(per_run[0].items()))[0][0]
@@ -531,10 +540,7 @@ def hardware(runs: list[Run]) -> tuple[str, bool]:
     if gpus and devices <= {"cuda"}:
         names = sorted(set(gpus))
         return f"{len(gpus)}x{' + '.join(names)}", len(gpus) == 8 and all("H100" in g for g in gpus)
-    cpus = runs[0].parsed["runtime"].get("cpus")
-    if cpus is None:
-        cpus = os.cpu_count()
-        print(f"note: the logs do not record a CPU core count; using this machine's ({cpus})")
+    cpus = runs[0].parsed["runtime"].get("cpus", "?")
     return f"CPU ({cpus} cores), not 8xH100", False
 
 
@@ -868,8 +874,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--artifact", type=Path, action="append", default=[], help="that run's final_model.int6.ptz")
     ap.add_argument("--name", required=True, help="the record's name (title; the folder slug is its CamelCase)")
     ap.add_argument("--track", required=True, choices=TRACKS, help="10min_16mb (8xH100 record) or non_record_16mb")
-    ap.add_argument("--author", required=True, help="author's name for submission.json")
-    ap.add_argument("--github-id", required=True, help="author's GitHub id for submission.json")
+    ap.add_argument("--author", default=UNKNOWN, help=f"author's name for submission.json (default {UNKNOWN!r}; "
+                    f"tools/submit.py refuses it)")
+    ap.add_argument("--github-id", default=UNKNOWN, help=f"author's GitHub id for submission.json (default {UNKNOWN!r})")
     ap.add_argument("--blurb", default="", help="one-paragraph summary (default: the name)")
     ap.add_argument("--date", default=dt.date.today().isoformat(), help="record date YYYY-MM-DD (default: today)")
     ap.add_argument("--out", type=Path, default=None,

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import ast
 import base64
+import functools
 import json
 import lzma
 import re
@@ -144,12 +145,13 @@ def _is_py_path(s: str) -> bool:
     return bool(PY_PATH.search(s)) and not any(c in s for c in "*?[")
 
 
-def scan_source(src: str) -> list[str]:
+@functools.lru_cache(maxsize=16)  # pure; a folder's script is scanned once per check
+def scan_source(src: str) -> tuple[str, ...]:
     """Static violations of the record rules in a script's source, each with its line."""
     try:
         tree = ast.parse(src)
     except SyntaxError as e:
-        return [f"does not parse ({e.msg}, line {e.lineno})"]
+        return (f"does not parse ({e.msg}, line {e.lineno})",)
     out: list[str] = []
     subprocess_names = set()
     for node in ast.walk(tree):
@@ -195,12 +197,18 @@ def scan_source(src: str) -> list[str]:
             elif (isinstance(node.value, ast.Name) and node.value.id in subprocess_names
                   and node.attr not in SUBPROCESS_OK_ATTRS and id(node) not in nvidia_ok):
                 out.append(f"line {node.lineno}: subprocess.{node.attr} other than run([\"nvidia-smi\"])")
-    return sorted(set(out), key=lambda s: int(re.match(r"line (\d+)", s)[1]) if s.startswith("line") else 0)
+    return tuple(sorted(set(out), key=lambda s: int(re.match(r"line (\d+)", s)[1]) if s.startswith("line") else 0))
 
 
 # -----------------------------------------------------------------------------------------------------------------
 # the folder
 # -----------------------------------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=4)
+def _inlined_dump(sources: tuple[tuple[str, str], ...]) -> str:
+    """Normalized AST of logged sources after inlining quant/ (what the packed script must decode to)."""
+    return normalized_dump(inline_quant(dict(sources)), "logged")
+
 
 def _decimals(x: float) -> int:
     r = repr(float(x))
@@ -296,7 +304,7 @@ def check_folder(folder: Path, against: Path | None = None, alpha: float = 0.01)
     try:
         inner, kind = decode_script(text)
         rows.append(Row("script decodes", "", f"{kind}, {code_bytes:,} -> {len(inner.encode()):,} bytes", "", "PASS"))
-        violations = scan_source(inner)
+        violations = list(scan_source(inner))
         if kind != "plain":
             violations += [f"wrapper {v}" for v in scan_source(text) if not v.endswith("uses exec")]
     except RecordError as e:
@@ -366,7 +374,7 @@ def check_folder(folder: Path, against: Path | None = None, alpha: float = 0.01)
             if key not in logged_same:  # seeds normally share their sources: inline and parse them once
                 try:
                     logged_same[key] = p["sources"] == {"train_gpt.py": text} or (
-                        inner_dump is not None and normalized_dump(inline_quant(p["sources"]), "logged") == inner_dump)
+                        inner_dump is not None and _inlined_dump(key) == inner_dump)
                 except RecordError:
                     logged_same[key] = False
             same = logged_same[key]
@@ -374,8 +382,14 @@ def check_folder(folder: Path, against: Path | None = None, alpha: float = 0.01)
                             "the logged sources differ from this script", "AST-equal", "PASS" if same else "FAIL"))
         elif inner is not None:
             rows.append(Row("code vs log", s, "the log embeds no framed source; not tied to this script", "", "INFO"))
-        if sub.get("track") == "10min_16mb" and p["runtime"].get("device") == "cpu":
-            rows.append(Row("hardware", s, "ran on CPU", "8xH100 for track 10min_16mb", "FAIL"))
+        if sub.get("track") == "10min_16mb":
+            gpus = p["gpus"]
+            if p["runtime"].get("device") == "cpu":
+                rows.append(Row("hardware", s, "ran on CPU", "8xH100 for track 10min_16mb", "FAIL"))
+            elif gpus:  # logs with an nvidia-smi header (console captures have none)
+                ok = len(gpus) == 8 and all("H100" in g for g in gpus)
+                rows.append(Row("hardware", s, f"{len(gpus)}x {', '.join(sorted(set(gpus)))}",
+                                "8xH100 for track 10min_16mb", "PASS" if ok else "FAIL"))
         r = results.get(s)
         if not isinstance(r, dict):
             continue

@@ -16,7 +16,8 @@ parsed. In what is left (and in upstream logs, which embed unframed source) the 
 the block that starts with a 100-'=' line followed by `Running Python` ends at the next 100-'=' line, and only
 what follows is parsed as the log. That covers the three layouts seen: source first (ours, baseline),
 hyperparameters first (P), hyperparameters then source (N's log file). Without such a block the text after the
-first 100-'=' line is parsed; without any, the whole text (console captures).
+first 100-'=' line is parsed; without any, the whole text (console captures). GPU names come from the nvidia-smi
+table in that header (`gpus`, empty on CPU runs and console captures).
 
 Step-line times: the record format prints train_time in minutes with one decimal (±3 s). Its tok/s column is
 step·train_batch_tokens/elapsed from the same clock (P's code), so when train_batch_tokens is known the time is

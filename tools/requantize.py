@@ -72,8 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     model = tg.GPT(cfg).to(rt.device)
     model.load_state_dict(torch.load(args.checkpoint, map_location=rt.device, weights_only=True), strict=True)
     model.looping = cfg.num_loops > 0
-    L, windows = cfg.eval_seq_len, max(1, cfg.val_batch_tokens // (8 * cfg.eval_seq_len))
-    micro = cfg.train_batch_tokens // (tg.grad_accum_steps(cfg, 1) * cfg.train_seq_len)
+    accum = tg.grad_accum_steps(cfg, 1)  # batching exactly as a 1-rank trainer run, so scores reproduce
+    L, windows = cfg.eval_seq_len, max(1, cfg.val_batch_tokens // (accum * cfg.eval_seq_len))
+    micro = cfg.train_batch_tokens // (accum * cfg.train_seq_len)
     t = time.perf_counter()
     loader = tg.ShuffledSequenceLoader(train_files, cfg.train_seq_len, cfg.vocab_size, cfg.seed)
     batches = (loader.next_batch(micro)[0].to(rt.device) for _ in range(cfg.gptq_calibration_batches))

@@ -22,7 +22,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tools.build_record import TRACKS, included_files_section  # noqa: E402
+from tools.build_record import TRACKS, UNKNOWN, included_files_section  # noqa: E402
 from tools.check_record import InputError, check_folder, format_rows, read_logs, read_submission  # noqa: E402
 
 PLACEHOLDER_USER = ("pgolf submit", "pgolf-submit@localhost")
@@ -97,6 +97,8 @@ def submit(folder: Path, repo: Path, branch: str | None, include_readable: bool)
         raise SubmitError(f"{folder} fails tools/check_record.py; fix it before submitting")
     sub = read_submission(folder)
     track = sub.get("track")
+    if UNKNOWN in (sub.get("author", UNKNOWN), sub.get("github_id", UNKNOWN)):
+        raise SubmitError("submission.json has no author/github_id; rebuild with --author and --github-id")
     if track not in TRACKS:
         raise SubmitError(f"submission.json track {track!r}: use one of {', '.join(TRACKS)}")
     if not repo.is_dir() or git(repo, "rev-parse", "--show-toplevel", check=False).stdout.strip() != str(repo.resolve()):

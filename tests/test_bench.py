@@ -1,0 +1,83 @@
+"""Cheap checks of the benchmark helpers (the benchmarks themselves are commands, not tests)."""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+
+from bench.common import md_table, median, spread
+from bench.quant import baseline_int8, order0_bound, pack_int6
+from bench.report import write_atomic
+from bench.train import baseline_overrides
+from quant import quantize_state_dict
+
+
+def test_median_odd_even_and_empty() -> None:
+    assert median([3.0, 1.0, 2.0]) == 2.0
+    assert median([4.0, 1.0, 3.0, 2.0]) == 2.5
+    with pytest.raises(ValueError):
+        median([])
+
+
+def test_spread_shows_median_range_and_count() -> None:
+    assert spread([1.0, 3.0, 2.0], ".1f") == "2.0 (1.0–3.0, n=3)"
+    assert spread([1.5], ".2f") == "1.50 (n=1)"
+
+
+def test_md_table_aligns_columns_and_marks_right_alignment() -> None:
+    text = md_table(["name", "bytes"], [["gptq", "1,234"], ["baseline int8", "99"]])
+    lines = text.splitlines()
+    assert lines[0] == "| name          | bytes |"
+    assert lines[1] == "| ------------- | ----: |"
+    assert lines[3] == "| baseline int8 |    99 |"
+    assert len({len(line) for line in lines}) == 1
+    with pytest.raises(ValueError):
+        md_table(["a", "b"], [["only one"]])
+
+
+def test_pack_int6_packs_four_symbols_into_three_bytes() -> None:
+    q = torch.tensor([-32, 31, 0, -1, 5], dtype=torch.int8)
+    packed = pack_int6(q)
+    assert len(packed) == 6  # 5 symbols padded to 8 -> 2 words of 3 bytes
+    word = int.from_bytes(packed[:3], "little")
+    assert [(word >> (6 * i)) & 63 for i in range(4)] == [32, 31, 0, 63]
+
+
+def test_baseline_int8_matches_the_upstream_rule() -> None:
+    torch.manual_seed(0)
+    w = torch.randn(8, 300)
+    state = {"m": w, "small": torch.randn(4)}
+    deq, payload, bound = baseline_int8(state, passthrough_numel=100)
+    clip = torch.quantile(w.abs(), 0.9999984, dim=1)
+    step = (clip / 127).half().float()
+    assert torch.all((deq["m"] - w.clamp(-clip[:, None], clip[:, None])).abs() <= step[:, None] / 2 + 1e-6)
+    assert torch.equal(deq["small"], state["small"].half().float())
+    assert len(payload) == 8 * 300 + 2 * 8 + 2 * 4  # int8 codes + fp16 scales + fp16 passthrough
+    assert 0 < bound < len(payload) and len(zlib.compress(payload, 9)) > bound
+
+
+def test_order0_bound_of_constant_codes_is_zero() -> None:
+    state = {"m": torch.ones(4, 64)}  # every row quantizes to the same code and scale
+    qts = quantize_state_dict(state, {}, method="rtn", passthrough_numel=16)
+    assert order0_bound(qts) == 0.0
+
+
+def test_baseline_overrides_express_the_baseline_on_tiny_config() -> None:
+    import train_gpt as tg
+    from bench.common import tiny_env
+
+    cfg = tg.Config.from_env({**tiny_env(), **baseline_overrides(4)})
+    assert (cfg.num_loops, cfg.xsa_last_n, cfg.mlp_mult, cfg.mlp_leaky_slope) == (0, 0, 2.0, 0.0)
+    assert cfg.rope_dims == cfg.model_dim // cfg.num_heads and cfg.parallel_residual_start == cfg.num_layers
+    assert not (cfg.skip_gates_enabled or cfg.ln_scale or cfg.muon_row_normalize)
+    assert cfg.muon_wd == cfg.adam_wd == cfg.embed_wd == cfg.ema_decay == 0.0
+
+
+def test_write_atomic_replaces_the_file(tmp_path) -> None:
+    path = tmp_path / "BENCHMARKS.md"
+    path.write_text("old")
+    write_atomic(path, "new\n")
+    assert path.read_text() == "new\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["BENCHMARKS.md"]
