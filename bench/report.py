@@ -23,16 +23,15 @@ from bench.common import ROOT, machine_line, progress  # noqa: E402
 REF = "runs/bench/ref"
 
 
-def benches(seconds: float | None) -> list[tuple[str, str, list[str]]]:
-    """(section, title, command) in run order; `seconds` overrides the training caps (a quicker, noisier report)."""
-    sec = [] if seconds is None else ["--seconds", f"{seconds:g}"]
+def benches() -> list[tuple[str, str, list[str]]]:
+    """(section, title, command) in run order."""
     return [
         ("eval", "Eval: plain, sliding-window and TTT throughput",
-         ["bench/eval.py", "--run", REF, "--retrain", *sec]),
+         ["bench/eval.py", "--run", REF, "--retrain"]),
         ("quant", "Quantization: GPTQ vs round-to-nearest vs the baseline's int8 + zlib",
          ["bench/quant.py", "--checkpoint", f"{REF}/final_model.pt"]),
         ("train", "Training: record stack vs baseline architecture; eager vs torch.compile",
-         ["bench/train.py", *sec]),
+         ["bench/train.py"]),
     ]
 
 
@@ -76,16 +75,12 @@ def render(results: dict[str, tuple[str, list[str], str, float]], started: str, 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md", help="file to (re)write")
-    p.add_argument("--seconds", type=float,
-                   help="training cap of the reference run and of the equal-time A/B runs (default: the benches' own)")
     args = p.parse_args(argv)
-    if args.seconds is not None and args.seconds <= 0:
-        p.error("--seconds must be > 0")
     t0 = time.perf_counter()
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     load0 = f"{os.getloadavg()[0]:.1f}"
     results = {}
-    for key, title, cmd in benches(args.seconds):
+    for key, title, cmd in benches():
         progress(f"== {title}: python {' '.join(cmd)}")
         out, secs = run_bench(cmd)
         results[key] = (title, cmd, out, secs)
