@@ -50,6 +50,40 @@ except ImportError:
     _fa3_func = None
 
 ARTIFACT_LIMIT_BYTES = 16_000_000  # decimal, code + compressed model
+TIME_LIMIT_SECONDS = 600.0  # training, and separately evaluation, on 8xH100 SXM
+# The log contract (docs/log_format.md): every line the tools read is written from one of these formats, and
+# tools/parse_log.py builds its parsers from the same strings. Change a format here and the parser follows.
+LOG_FORMATS = dict(
+    source_file="source_file: {name} bytes:{n}",
+    train_shards="train_shards: {n}",
+    val_tokens="val_tokens: {n}",
+    tokenizer="tokenizer: sha256:{sha256} vocab:{vocab}",
+    model_params="model_params:{n}",
+    runtime="world_size:{world_size} grad_accum_steps:{accum} device:{device} cpus:{cpus} attention:{attention} "
+            "compile:{compile} precision:{precision}",
+    gptq_reserve="gptq:reserving {seconds:g}s, effective={ms:.0f}ms",
+    warmup="{label}: {k}/{n}",
+    val="{step}/{iterations} val_loss: {val_loss:.4f} val_bpb: {val_bpb:.4f}",
+    train="{step}/{iterations} train_loss: {train_loss:.4f} train_time: {minutes:.1f}m tok/s: {tok_s:.0f}",
+    layer_loop="layer_loop:enabled step:{step} frac:{frac:.3f} encoder:{encoder} decoder:{decoder}",
+    stop="stopping_early: wallclock_cap train_time: {ms:.0f}ms step: {step}/{iterations}",
+    peak_memory="peak memory allocated: {allocated} MiB reserved: {reserved} MiB",
+    eval="{label} val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f} eval_time:{ms:.0f}ms",
+    serialized_raw="Serialized model: {n} bytes",
+    code_size="Code size: {n} bytes",
+    gptq_collected="GPTQ:collected {n} Hessians in {seconds:.1f}s",
+    gptq_cut="GPTQ:calibration stopped at {done}/{wanted} batches to end inside the {limit:g}s train budget",
+    serialized="Serialized model quantized+{codec}: {n} bytes",
+    total_size="Total submission size quantized+{codec}: {n} bytes",
+    bytes="bytes_{part}:{n}",
+    ttt_start="ttt:start chunks={chunks} ttt_lr={lr:g} ttt_epochs={epochs}",
+    ledger="time_ledger phase:{phase} seconds:{seconds:.3f} budget:{budget}",
+    ledger_total="time_ledger_total train:{train:.3f} eval:{eval:.3f} limit:{limit:g}",
+)
+
+
+def log_line(kind: str, **values: object) -> str:
+    return LOG_FORMATS[kind].format(**values)
 
 # -----------------------------------------------------------------------------
 # CONFIG: one frozen dataclass; defaults are record P (PR #1493) as it ran; env vars override (upper-case names)
@@ -951,7 +985,7 @@ def compile_warmup(model: GPT, opts: Optimizers, step_fn: Callable[[ShuffledSequ
         for k in range(1, cfg.warmup_steps + 1):
             step_fn(loader)
             if k <= 6 or k % 10 == 0 or k == cfg.warmup_steps:
-                log(f"{label}: {k}/{cfg.warmup_steps}")
+                log(log_line("warmup", label=label, k=k, n=cfg.warmup_steps))
     model.looping = False
     with torch.no_grad():
         model.load_state_dict(initial_model)
@@ -1030,7 +1064,7 @@ def run(cfg: Config, rt: Runtime) -> dict:
     sources = code_sources()
     code = b"".join(sources.values())
     for name, body in sources.items():  # byte-exact framing: tools/parse_log.py reads the sources back
-        log(f"source_file: {name} bytes:{len(body)}\n{body.decode()}", console=False)
+        log(log_line("source_file", name=name, n=len(body)) + f"\n{body.decode()}", console=False)
     log("=" * 100, console=False)
     log(f"Running Python {sys.version}", console=False)
     log(f"Running PyTorch {torch.__version__}", console=False)
@@ -1056,14 +1090,14 @@ def run(cfg: Config, rt: Runtime) -> dict:
     def make_loader() -> ShuffledSequenceLoader:
         return ShuffledSequenceLoader(train_files, cfg.train_seq_len, cfg.vocab_size, cfg.seed, rt.rank, ws)
 
-    log(f"train_shards: {len(train_files)}")
-    log(f"val_tokens: {val_tokens.numel() - 1}")
+    log(log_line("train_shards", n=len(train_files)))
+    log(log_line("val_tokens", n=val_tokens.numel() - 1))
 
     # model and optimizers
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     model = GPT(cfg).to(dev)
-    log(f"model_params:{sum(p.numel() for p in model.parameters())}")
+    log(log_line("model_params", n=sum(p.numel() for p in model.parameters())))
     log(f"world_size:{ws} grad_accum_steps:{accum} device:{dev.type} cpus:{os.cpu_count()} "
         f"attention:{'fa3' if _fa3_func is not None and dev.type == 'cuda' else 'sdpa'} compile:{use_compile}")
     train_model: nn.Module = torch.compile(model, dynamic=False, fullgraph=True) if use_compile else model
@@ -1076,7 +1110,7 @@ def run(cfg: Config, rt: Runtime) -> dict:
     capped = cfg.max_wallclock_seconds > 0
     cap_ms = 1000.0 * max(0.0, cfg.max_wallclock_seconds - cfg.gptq_reserve_seconds) if capped else 0.0
     if capped:
-        log(f"gptq:reserving {cfg.gptq_reserve_seconds:g}s, effective={cap_ms:.0f}ms")
+        log(log_line("gptq_reserve", seconds=cfg.gptq_reserve_seconds, ms=cap_ms))
     ledger = Ledger()
 
     def step_on(loader: ShuffledSequenceLoader) -> Tensor:
@@ -1106,12 +1140,12 @@ def run(cfg: Config, rt: Runtime) -> dict:
             sync(dev)
             train_ms += 1000 * (time.perf_counter() - t_start)
             vl, vb = plain_eval()
-            log(f"{step}/{cfg.iterations} val_loss: {vl:.4f} val_bpb: {vb:.4f}")
+            log(log_line("val", step=step, iterations=cfg.iterations, val_loss=vl, val_bpb=vb))
             sync(dev)
             t_start = time.perf_counter()
         if last:
             if stop_after is not None and step < cfg.iterations:
-                log(f"stopping_early: wallclock_cap train_time: {train_ms:.0f}ms step: {step}/{cfg.iterations}")
+                log(log_line("stop", ms=train_ms, step=step, iterations=cfg.iterations))
             break
         elapsed_ms = train_ms + 1000 * (time.perf_counter() - t_start)
         frac = elapsed_ms / cap_ms if cap_ms > 0 else step / cfg.iterations
@@ -1156,7 +1190,7 @@ def run(cfg: Config, rt: Runtime) -> dict:
         dt = time.perf_counter() - t
         ledger.add(label.replace("-", "_").replace(" ", "_"), dt, budget)
         results[label] = dict(val_loss=vl, val_bpb=vb, eval_time_ms=1000 * dt)
-        log(f"{label} val_loss:{vl:.8f} val_bpb:{vb:.8f} eval_time:{1000 * dt:.0f}ms")
+        log(log_line("eval", label=label, val_loss=vl, val_bpb=vb, ms=1000 * dt))
 
     timed_eval("pre-quantization post-ema", "none", plain_eval)
 
@@ -1164,8 +1198,8 @@ def run(cfg: Config, rt: Runtime) -> dict:
     model_path, artifact_path = out_dir / "final_model.pt", out_dir / "final_model.int6.ptz"
     if rt.is_master:
         torch.save(model.state_dict(), model_path)
-        log(f"Serialized model: {model_path.stat().st_size} bytes")
-        log(f"Code size: {len(code)} bytes")
+        log(log_line("serialized_raw", n=model_path.stat().st_size))
+        log(log_line("code_size", n=len(code)))
     log("GPTQ:collecting Hessians from calibration data...")
     sync(dev)
     t = time.perf_counter()
@@ -1188,7 +1222,7 @@ def run(cfg: Config, rt: Runtime) -> dict:
     if total < cfg.gptq_calibration_batches * ws:
         log(f"GPTQ:calibration stopped at {total}/{cfg.gptq_calibration_batches * ws} batches to end inside the "
             f"{cfg.max_wallclock_seconds:g}s train budget")
-    log(f"GPTQ:collected {len(hessians)} Hessians in {time.perf_counter() - t:.1f}s")
+    log(log_line("gptq_collected", n=len(hessians), seconds=time.perf_counter() - t))
     t = time.perf_counter()
     if rt.is_master:
         qtensors = quantize_state_dict(
@@ -1200,11 +1234,11 @@ def run(cfg: Config, rt: Runtime) -> dict:
         log("Quantized weights:")
         for line in describe(qtensors):
             log(f"  {line}")
-        log(f"Serialized model quantized+{cfg.compressor}: {model_bytes} bytes")
-        log(f"Total submission size quantized+{cfg.compressor}: {model_bytes + len(code)} bytes")
-        log(f"bytes_code:{len(code)}")
-        log(f"bytes_model:{model_bytes}")
-        log(f"bytes_total:{model_bytes + len(code)}")
+        log(log_line("serialized", codec=cfg.compressor, n=model_bytes))
+        log(log_line("total_size", codec=cfg.compressor, n=model_bytes + len(code)))
+        log(log_line("bytes", part="code", n=len(code)))
+        log(log_line("bytes", part="model", n=model_bytes))
+        log(log_line("bytes", part="total", n=model_bytes + len(code)))
     if dist_ready():
         dist.barrier()
     ledger.add("serialize", time.perf_counter() - t, "none")
@@ -1226,8 +1260,8 @@ def run(cfg: Config, rt: Runtime) -> dict:
             qmodel, val_tokens, cfg, luts, eval_windows, dev, amp, qlogits, rt.rank, ws))
 
     for phase, seconds, budget in ledger.rows:
-        log(f"time_ledger phase:{phase} seconds:{seconds:.3f} budget:{budget}")
-    log(f"time_ledger_total train:{ledger.total('train'):.3f} eval:{ledger.total('eval'):.3f} limit:600")
+        log(log_line("ledger", phase=phase, seconds=seconds, budget=budget))
+    log(log_line("ledger_total", train=ledger.total("train"), eval=ledger.total("eval"), limit=TIME_LIMIT_SECONDS))
     summary = dict(run_id=run_id, seed=cfg.seed, steps=step, train_time_ms=round(train_ms), model_params=sum(
         p.numel() for p in model.parameters()), world_size=ws, device=dev.type, torch_version=torch.__version__,
         layer_loop_step=looping_step, val_tokens=val_tokens.numel() - 1, evals=results,

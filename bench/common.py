@@ -18,11 +18,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from tools.dryrun import read_env_file
+from tools.parse_log import parse_log, read_log
 
-from tools.dryrun import read_env_file  # noqa: E402
-from tools.parse_log import parse_log, read_log  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 TINY_ENV = ROOT / "configs" / "cpu_tiny.env"
 RUNS = ROOT / "runs" / "bench"

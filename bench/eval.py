@@ -18,12 +18,10 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
 
-import torch  # noqa: E402
-
-import train_gpt as tg  # noqa: E402
-from bench.common import RUNS, md_table, median, progress, run_trainer, spread  # noqa: E402
+import train_gpt as tg
+from bench.common import RUNS, md_table, median, progress, run_trainer, spread
 
 MODES = ("plain", "sliding", "ttt")
 REF_STEPS = 120  # a step budget, not a time cap: the checkpoint bench/quant.py measures does not depend on machine load

@@ -26,10 +26,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench.common import md_table, progress  # noqa: E402
-from quant import (  # noqa: E402
+from bench.common import md_table, progress
+from quant import (
     ARTIFACT_CODECS,
     QTensor,
     byte_shuffle,
@@ -39,7 +37,7 @@ from quant import (  # noqa: E402
     encode_artifact,
     quantize_state_dict,
 )
-from quant.__main__ import order0_bits  # noqa: E402
+from quant.__main__ import order0_bits
 
 Scorer = Callable[[dict[str, Tensor]], float]  # a (dequantized) state dict -> val_bpb
 CODEC_LABEL = {"zlib": "zlib-9", "brotli": "brotli-11", "zstd": "zstd-22", "lzma": "lzma-9e"}

@@ -16,9 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench.common import ROOT, machine_line, progress  # noqa: E402
+from bench.common import ROOT, machine_line, progress
 
 REF = "runs/bench/ref"
 

@@ -23,9 +23,7 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench.common import RUNS, TrainerRun, md_table, median, progress, run_trainer, spread, stamp, tiny_env  # noqa: E402
+from bench.common import RUNS, TrainerRun, md_table, median, progress, run_trainer, spread, stamp, tiny_env
 
 
 def baseline_overrides(num_layers: int) -> dict[str, str]:

@@ -26,10 +26,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from huggingface_hub import hf_hub_download  # noqa: E402
-from huggingface_hub.errors import (  # noqa: E402
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import (
     EntryNotFoundError,
     HfHubHTTPError,
     HFValidationError,
@@ -38,10 +36,10 @@ from huggingface_hub.errors import (  # noqa: E402
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
-from huggingface_hub.utils import get_session  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+from huggingface_hub.utils import get_session
+from tqdm import tqdm
 
-from train_gpt import ShardError, read_shard_header  # noqa: E402
+from train_gpt import ShardError, read_shard_header
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 DEFAULT_PREFIX = "datasets"

@@ -25,13 +25,10 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
+import sentencepiece as spm
+from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import sentencepiece as spm  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-import train_gpt  # noqa: E402
+import train_gpt
 
 DEFAULT_SHARD_TOKENS = 10**8  # upstream SHARD_SIZE
 # Upstream trainer settings, exactly (STACK.md §0). minloglevel only silences the trainer's log spam.

@@ -1,18 +1,16 @@
-"""Shared fixtures. Puts the repo root on sys.path so tests import train_gpt, data.* and tools.* like the scripts do."""
+"""Shared fixtures. The project is installed (`pip install -e .`), so tests import train_gpt, quant, data.* and tools.*
+like the scripts do."""
 
 from __future__ import annotations
 
 import json
 import random
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 @pytest.fixture(scope="session", autouse=True)
 def one_torch_thread() -> None:

@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from tools.compare_runs import focus_ylim, main
 
-from tools.compare_runs import focus_ylim, main  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 ASSETS = ROOT / "tests" / "assets"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -13,11 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import train_gpt
+from tools import estimate
 
-import train_gpt  # noqa: E402
-from tools import estimate  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 P = estimate.record_p_config()
 OTHER_CONFIGS = {

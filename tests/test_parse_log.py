@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from tools.parse_log import SEP, parse_hyperparameters, parse_log, parse_value, split_header
 
-from tools.parse_log import SEP, parse_hyperparameters, parse_log, parse_value, split_header  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 ASSETS = ROOT / "tests" / "assets"
 UPSTREAM = Path("/work/shared/reference/upstream_records")

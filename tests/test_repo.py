@@ -17,6 +17,13 @@ def test_readme_first_two_commands() -> None:
     assert "\n" not in main_cmd and "\n" not in test_cmd  # one line each, copy-paste ready
     assert main_cmd.endswith("python tools/dryrun.py") and "pip install" in main_cmd
     assert test_cmd.endswith("python -m pytest -q") and "requirements-dev.txt" in test_cmd
+    assert "pip install -q -e ." in main_cmd and "pip install -q -e ." in test_cmd  # no sys.path edits anywhere
+
+
+def test_no_sys_path_edits() -> None:
+    offenders = [str(p.relative_to(ROOT)) for p in ROOT.rglob("*.py") if ".venv" not in p.parts
+                 and "sys.path.insert" in p.read_text(encoding="utf-8") and p.name != "test_repo.py"]
+    assert offenders == []
 
 
 def test_ci_runs_exactly_the_readme_test_command() -> None:

@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from tools.stats import mean_std, nats_to_bpb, seeds_needed, tokens_per_byte, welch_one_sided  # noqa: E402
+from tools.stats import mean_std, nats_to_bpb, seeds_needed, tokens_per_byte, welch_one_sided
 
 
 def t_sf_by_integration(t: float, df: float, intervals: int = 4000) -> float:

@@ -20,14 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import sentencepiece as spm
+import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import sentencepiece as spm  # noqa: E402
-import torch  # noqa: E402
-
-import train_gpt  # noqa: E402
-from data.tokenize_docs import file_sha256  # noqa: E402
+import train_gpt
+from data.tokenize_docs import file_sha256
 
 
 class AuditError(ValueError):

@@ -40,10 +40,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from tools.parse_log import parse_log, read_log
 
-from tools.parse_log import parse_log, read_log  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 ARTIFACT_LIMIT_BYTES = 16_000_000
 TIME_LIMIT_S = 600.0

@@ -35,13 +35,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+from torch import Tensor
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import torch  # noqa: E402
-from torch import Tensor  # noqa: E402
-
-import train_gpt  # noqa: E402
+import train_gpt
 
 EvalFn = Callable[[Tensor], tuple[Tensor, Tensor]]  # tokens -> (float64 loss per target, times each was scored)
 Scored = tuple[Tensor, Tensor]  # (target indices [K], the logits they were scored from [K, vocab])

@@ -35,17 +35,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from tools.build_record import (  # noqa: E402
+from tools.build_record import (
     ARTIFACT_LIMIT_BYTES,
     TIME_LIMIT_S,
     RecordError,
     inline_quant,
     normalized_dump,
 )
-from tools.parse_log import parse_log, read_log  # noqa: E402
-from tools.stats import RECORD_MARGIN_NATS, nats_to_bpb, seeds_needed, tokens_per_byte, welch_one_sided  # noqa: E402
+from tools.parse_log import parse_log, read_log
+from tools.stats import RECORD_MARGIN_NATS, nats_to_bpb, seeds_needed, tokens_per_byte, welch_one_sided
 
 ALLOWED_THIRD_PARTY = {"torch", "numpy", "sentencepiece", "brotli", "zstandard", "flash_attn_interface"}
 DENIED_STDLIB = {  # network access and ways to load or run other code

@@ -17,9 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from tools.parse_log import parse_log, read_log  # noqa: E402
+from tools.parse_log import parse_log, read_log
 
 
 def default_labels(paths: list[Path]) -> list[str]:

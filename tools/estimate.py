@@ -20,13 +20,10 @@ import json
 import math
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
 
-import torch  # noqa: E402
-
-from train_gpt import ARTIFACT_LIMIT_BYTES, GPT, Config, layer_schedule  # noqa: E402
+from train_gpt import ARTIFACT_LIMIT_BYTES, GPT, Config, layer_schedule
 
 # Record P measurements (STACK.md §F.1, seed 42). Only the two marked "calibration" are inputs of the model.
 P_PARAMS = 35_944_536

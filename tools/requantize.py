@@ -17,12 +17,10 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
 
-import torch  # noqa: E402
-
-import train_gpt as tg  # noqa: E402
-from quant import ArtifactError, encode_artifact, quantize_state_dict, save_artifact  # noqa: E402
+import train_gpt as tg
+from quant import ArtifactError, encode_artifact, quantize_state_dict, save_artifact
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -20,10 +20,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from tools.build_record import TRACKS, UNKNOWN, included_files_section  # noqa: E402
-from tools.check_record import InputError, check_folder, format_rows, read_logs, read_submission  # noqa: E402
+from tools.build_record import TRACKS, UNKNOWN, included_files_section
+from tools.check_record import InputError, check_folder, format_rows, read_logs, read_submission
 
 PLACEHOLDER_USER = ("pgolf submit", "pgolf-submit@localhost")
 

@@ -1,0 +1,1 @@
+"""pgolf data: FineWeb download, tokenizer training and shards, the offline builtin corpus."""

@@ -1,0 +1,1 @@
+"""pgolf command-line tools: thin commands over importable library modules."""
