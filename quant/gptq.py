@@ -21,11 +21,15 @@ __all__ = [
 
 
 def accumulate_hessian(H: Tensor | None, x: Tensor) -> Tensor:
-    """Return `H + XᵀX` in fp32 for x flattened to [tokens, in_features]; H is updated in place (created if None)."""
-    x = x.detach().reshape(-1, x.shape[-1]).float()
-    if H is None:
-        return x.T @ x
-    return H.addmm_(x.T, x)
+    """Return `H + XᵀX` in fp32 for x flattened to [tokens, in_features]; H is updated in place (created if None).
+
+    Autocast is switched off here: calibration runs under bf16 autocast on GPU, where `x.T @ x` would come out bf16
+    (losing the sums' precision) and the next `addmm_` of fp32 inputs into a bf16 H would raise."""
+    with torch.autocast(x.device.type, enabled=False):
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        if H is None:
+            return x.T @ x
+        return H.addmm_(x.T, x)
 
 
 def _gptq_inverse_factor(H: Tensor) -> Tensor:

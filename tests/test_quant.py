@@ -125,6 +125,19 @@ def test_accumulate_hessian() -> None:
     torch.testing.assert_close(H, x.reshape(-1, 7).T @ x.reshape(-1, 7))
 
 
+def test_accumulate_hessian_is_fp32_under_bf16_autocast() -> None:
+    """Calibration runs under bf16 autocast on GPU; CPU autocast reproduces the dtype behaviour. Without the pinned
+    fp32 accumulation the first product is bf16 and the second call raises (dtype mismatch in addmm_)."""
+    x = torch.randn(3, 64, 32, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        H = accumulate_hessian(None, x[0])
+        for i in (1, 2):
+            H = accumulate_hessian(H, x[i])
+    ref = x.float().reshape(-1, 32)
+    assert H.dtype == torch.float32
+    torch.testing.assert_close(H, ref.T @ ref, rtol=1e-6, atol=1e-5)
+
+
 def test_byte_shuffle_round_trip() -> None:
     data = bytes(range(256)) * 3 + b"xyz"
     for stride in (1, 2, 3, 4, 7):
