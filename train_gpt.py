@@ -76,6 +76,7 @@ LOG_FORMATS = dict(
     serialized="Serialized model quantized+{codec}: {n} bytes",
     total_size="Total submission size quantized+{codec}: {n} bytes",
     bytes="bytes_{part}:{n}",
+    artifact="artifact: {name} sha256:{sha256}",
     ttt_start="ttt:start chunks={chunks} ttt_lr={lr:g} ttt_epochs={epochs}",
     ledger="time_ledger phase:{phase} seconds:{seconds:.3f} budget:{budget}",
     ledger_total="time_ledger_total train:{train:.3f} eval:{eval:.3f} limit:{limit:g}",
