@@ -3,7 +3,6 @@ the legality checker passing the real eval paths while catching illegal variants
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import json
@@ -25,7 +24,10 @@ from train_gpt import GPT, Config
 
 ROOT = Path(__file__).resolve().parent.parent
 CPU = torch.device("cpu")
-AMP = contextlib.nullcontext
+
+
+def EV(luts: tuple, batch_windows: int) -> train_gpt.EvalContext:  # noqa: N802
+    return train_gpt.EvalContext(luts, batch_windows)
 L, S, C = 32, 8, 64  # window, stride, TTT chunk
 N = 160  # targets: chunks 0..63, 64..127 and a partial 128..159
 TINY = dict(vocab_size=512, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, rope_dims=8, num_loops=1,
@@ -75,7 +77,7 @@ def model(cfg: Config) -> GPT:
 def run_score(logits_fn, tokens: Tensor, starts: np.ndarray, stride: int, luts) -> tuple[Tensor, Tensor, Tensor]:
     n = tokens.numel() - 1
     nll, hits = torch.full((n,), float("nan"), dtype=torch.float64), torch.zeros(n, dtype=torch.int64)
-    sums = train_gpt.score_windows(logits_fn, tokens, starts, L, stride, luts, 64, CPU, AMP, nll, hits)
+    sums = train_gpt.score_windows(logits_fn, tokens, starts, L, stride, EV(luts, 64), nll, hits)
     return sums, nll, hits
 
 
@@ -96,7 +98,7 @@ def test_stride_equal_to_window_is_the_plain_eval(model: GPT, data) -> None:
     assert int(sums[1]) == N and hits.eq(1).all()
     assert int(sums[2]) == nbytes
     assert float(sums[0]) == pytest.approx(float(nll), rel=1e-6)
-    loss, bpb = train_gpt.evaluate(model.forward_logits, tokens, L, L, luts, 4, CPU, AMP)
+    loss, bpb = train_gpt.evaluate(model.forward_logits, tokens, L, L, EV(luts, 4))
     assert loss == pytest.approx(float(nll) / N, rel=1e-6)
     assert bpb == pytest.approx(float(nll) / math.log(2) / nbytes, rel=1e-6)
 
@@ -132,8 +134,8 @@ def test_ttt_chunks_partition_targets_by_chunk(model: GPT, data) -> None:
 
 def test_ttt_with_lr_zero_equals_sliding(cfg: Config, model: GPT, data) -> None:
     tokens, luts = data
-    sliding = train_gpt.evaluate(model.forward_logits, tokens, L, S, luts, 4, CPU, AMP)
-    ttt = train_gpt.eval_ttt(copy.deepcopy(model), tokens, dataclasses.replace(cfg, ttt_lr=0.0), luts, 4, CPU, AMP)
+    sliding = train_gpt.evaluate(model.forward_logits, tokens, L, S, EV(luts, 4))
+    ttt = train_gpt.eval_ttt(copy.deepcopy(model), tokens, dataclasses.replace(cfg, ttt_lr=0.0), EV(luts, 4))
     assert ttt[0] == pytest.approx(sliding[0], rel=1e-12) and ttt[1] == pytest.approx(sliding[1], rel=1e-12)
 
 
@@ -154,9 +156,9 @@ def test_ttt_scores_before_adapting_and_never_trains_on_the_last_chunk(cfg: Conf
         events.append("score")
         return adapted.forward_logits(x)
 
-    ttt = train_gpt.eval_ttt(adapted, tokens, cfg, luts, 64, CPU, AMP, logits_fn)  # 64: one score call per chunk
+    ttt = train_gpt.eval_ttt(adapted, tokens, cfg, EV(luts, 64), logits_fn)  # 64: one score call per chunk
     assert events == ["score", "adapt 0", "score", "adapt 1", "score"]
-    sliding = train_gpt.evaluate(model.forward_logits, tokens, L, S, luts, 4, CPU, AMP)
+    sliding = train_gpt.evaluate(model.forward_logits, tokens, L, S, EV(luts, 4))
     assert abs(ttt[1] - sliding[1]) > 1e-6, "TTT with lr > 0 left the score unchanged: the lr-0 test proves nothing"
     # the same weights come from adapting on chunks 0..K-2 alone, with the cosine lr of STACK.md §D.3
     ref = copy.deepcopy(model)
@@ -164,7 +166,7 @@ def test_ttt_scores_before_adapting_and_never_trains_on_the_last_chunk(cfg: Conf
     for c in range(2):
         for group in opt.param_groups:
             group["lr"] = cfg.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / 2))
-        real_adapt(ref, opt, tokens, c, C, L, cfg.ttt_epochs, CPU, AMP)
+        real_adapt(ref, opt, tokens, c, C, L, cfg.ttt_epochs, EV(luts, 4))
     for (name, a), b in zip(adapted.state_dict().items(), ref.state_dict().values()):
         assert torch.equal(a, b), f"{name} differs from adapting on chunks 0..1 only"
 
@@ -213,8 +215,8 @@ def test_adapt_before_score_is_caught(cfg: Config, model: GPT, data) -> None:
         chunks = train_gpt.ttt_chunks(N, L, S, C)
         for c, starts in enumerate(chunks):
             if c < len(chunks) - 1:
-                train_gpt.adapt_on_chunk(m, opt, toks, c, C, L, cfg.ttt_epochs, CPU, AMP)
-            train_gpt.score_windows(m.forward_logits, toks, starts, L, S, luts, 4, CPU, AMP, nll, hits)
+                train_gpt.adapt_on_chunk(m, opt, toks, c, C, L, cfg.ttt_epochs, EV(luts, 4))
+            train_gpt.score_windows(m.forward_logits, toks, starts, L, S, EV(luts, 4), nll, hits)
         return nll, hits
 
     rows = cl.check_eval(adapt_then_score, tokens, cuts_for("ttt"), cfg.vocab_size, "ttt")
@@ -227,7 +229,7 @@ def test_noncausal_attention_is_caught(cfg: Config, model: GPT, data, monkeypatc
     """A window that attends to its future (a dropped causal mask) leaks later tokens into earlier scores."""
     tokens, luts = data
 
-    def bidirectional(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def bidirectional(q: Tensor, k: Tensor, v: Tensor, fa3: object = None) -> Tensor:
         return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                               enable_gqa=True).transpose(1, 2)
 
@@ -250,11 +252,11 @@ def test_rescoring_is_caught(cfg: Config, model: GPT, data) -> None:
         nll, hits = torch.full((N,), float("nan"), dtype=torch.float64), torch.zeros(N, dtype=torch.int64)
         chunks = train_gpt.ttt_chunks(N, L, S, C)
         for c, starts in enumerate(chunks):
-            train_gpt.score_windows(m.forward_logits, toks, starts, L, S, luts, 4, CPU, AMP, nll, hits)
+            train_gpt.score_windows(m.forward_logits, toks, starts, L, S, EV(luts, 4), nll, hits)
             if c < len(chunks) - 1:
-                train_gpt.adapt_on_chunk(m, opt, toks, c, C, L, cfg.ttt_epochs, CPU, AMP)
+                train_gpt.adapt_on_chunk(m, opt, toks, c, C, L, cfg.ttt_epochs, EV(luts, 4))
                 again = nll.clone()
-                train_gpt.score_windows(m.forward_logits, toks, starts, L, S, luts, 4, CPU, AMP, again, hits)
+                train_gpt.score_windows(m.forward_logits, toks, starts, L, S, EV(luts, 4), again, hits)
                 nll = torch.minimum(nll, again)
         return nll, hits
 

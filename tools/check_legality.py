@@ -25,7 +25,6 @@ pre-eval-TTT, rescoring and n-gram-cache PRs (ECOSYSTEM.md §2.6); the perturbat
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import sys
@@ -188,8 +187,8 @@ class SlidingEval:
         L, S = self.cfg.eval_seq_len, self.cfg.eval_stride
         nll, hits = _buffers(tokens.numel() - 1)
         starts = train_gpt.window_starts(tokens.numel() - 1, L, S)
-        sums = train_gpt.score_windows(self.model.forward_logits, tokens, starts, L, S, self.luts, self.batch_windows,
-                                       CPU, contextlib.nullcontext, nll, hits)
+        sums = train_gpt.score_windows(self.model.forward_logits, tokens, starts, L, S,
+                                       train_gpt.EvalContext(self.luts, self.batch_windows), nll, hits)
         self.results.append(train_gpt.bpb_from_sums(sums))
         return nll, hits
 
@@ -211,8 +210,9 @@ class TTTEval:
     def __call__(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
         nll, hits = _buffers(tokens.numel() - 1)
         self.model = self.load_model()
-        self.results.append(train_gpt.eval_ttt(self.model, tokens, self.cfg, self.luts, self.batch_windows, CPU,
-                                               contextlib.nullcontext, nll_out=nll, hits_out=hits))
+        self.results.append(train_gpt.eval_ttt(self.model, tokens, self.cfg,
+                                               train_gpt.EvalContext(self.luts, self.batch_windows), nll_out=nll,
+                                               hits_out=hits))
         return nll, hits
 
     def probe(self, tokens: Tensor) -> list[Scored]:
