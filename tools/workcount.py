@@ -54,14 +54,6 @@ class Work:
     def count(self, family: str | None = None) -> int:
         return sum(1 for o in self.ops if family is None or o.family == family)
 
-    def scaled(self, factors: dict[str, float], attention_factor: float | None = None) -> Work:
-        """A copy with each family's FLOPs and bytes scaled (shape extrapolation, fusion factors)."""
-        out = []
-        for o in self.ops:
-            f = attention_factor if (o.family == "attention" and attention_factor is not None) else factors.get(o.family, 1.0)
-            out.append(Op(o.family, o.flops * f, o.bytes * f, o.seq, o.backward, o.eager_bytes * f))
-        return Work(out, self.flop_counter_total)
-
     def __add__(self, other: Work) -> Work:
         return Work(self.ops + other.ops, self.flop_counter_total + other.flop_counter_total)
 
