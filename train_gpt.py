@@ -705,19 +705,19 @@ class Muon(torch.optim.Optimizer):
 
 class Optimizers:
     """The three optimizers of the record with their base learning rates; one schedule drives all of them.
-    AdamW is the fused kernel (record P; CPU has one too); `ns` is the Newton-Schulz function Muon calls."""
+    AdamW is the fused kernel (record P) on CUDA and CPU; `ns` is the Newton-Schulz function Muon calls."""
 
     def __init__(self, model: GPT, cfg: Config, rank: int = 0, world_size: int = 1, ns_dtype: torch.dtype = torch.float32,
                  ns: Callable = zeropower_via_newtonschulz5):
         roles, named = param_roles(model), dict(model.named_parameters())
         by_role = {r: [named[n] for n, role in roles.items() if role == r] for r in ("muon", "embed", "scalar")}
-        betas = (cfg.beta1, cfg.beta2)
+        betas, fused = (cfg.beta1, cfg.beta2), named["tok_emb.weight"].device.type in ("cuda", "cpu")
         self.muon = Muon(by_role["muon"], cfg.matrix_lr, cfg.muon_momentum, cfg.muon_backend_steps, cfg.muon_wd,
                          cfg.muon_row_normalize, rank, world_size, ns_dtype, ns)
         self.embed = torch.optim.AdamW(by_role["embed"], lr=cfg.tied_embed_lr, betas=betas, eps=cfg.adam_eps,
-                                       weight_decay=cfg.embed_wd, fused=True)
+                                       weight_decay=cfg.embed_wd, fused=fused)
         self.scalar = torch.optim.AdamW(by_role["scalar"], lr=cfg.scalar_lr, betas=betas, eps=cfg.adam_eps,
-                                        weight_decay=cfg.adam_wd, fused=True)
+                                        weight_decay=cfg.adam_wd, fused=fused)
         self.all = [self.muon, self.embed, self.scalar]
         self.base_lrs = [cfg.matrix_lr, cfg.tied_embed_lr, cfg.scalar_lr]
 

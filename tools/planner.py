@@ -533,7 +533,7 @@ def calibrate(step_ms_pre: float, step_ms_post: float, sliding_s: float, ttt_s: 
 
 
 # calibrate(**P_CALIBRATION), stored so a plan does not re-fit (tests/test_planner.py re-fits and compares).
-CALIBRATED = Constants(mm_eff=0.70, fuse=0.25232, host_op_s=1.4049e-05, eval_slow=1.6017)
+CALIBRATED = Constants(mm_eff=0.70, fuse=0.25219, host_op_s=1.3808e-05, eval_slow=1.6020)
 
 
 def default_constants() -> Constants:

@@ -239,7 +239,7 @@ class _Recorder(TorchDispatchMode):
 def _attention_as_kernel() -> Iterator[None]:
     """Route train_gpt's attention through the opaque planner kernel while tracing."""
     real = train_gpt.attention
-    train_gpt.attention = lambda q, k, v: _flash_attn(q, k, v)
+    train_gpt.attention = lambda q, k, v, fa3=None: _flash_attn(q, k, v)
     try:
         yield
     finally:
@@ -337,8 +337,8 @@ def trace_score_batch(cfg: train_gpt.Config, batch_windows: int) -> Work:
 
     def run(rec: _Recorder) -> None:
         _split_head(model, rec)
-        train_gpt.score_windows(model.forward_logits, tokens, starts, L, S, luts, batch_windows, META,
-                                contextlib.nullcontext)
+        train_gpt.score_windows(model.forward_logits, tokens, starts, L, S,
+                                train_gpt.EvalContext(luts, batch_windows, META))
 
     return trace(run, AttentionShape(), _hidden(cfg))
 
@@ -352,8 +352,9 @@ def trace_ttt_adapt_step(cfg: train_gpt.Config, rank: int, world_size: int) -> W
 
     def run(rec: _Recorder) -> None:
         _split_head(model, rec)
-        train_gpt.adapt_on_chunk(model, opt, tokens, 0, cfg.ttt_chunk_tokens, cfg.eval_seq_len, 1, META,
-                                 contextlib.nullcontext, rank, world_size)
+        train_gpt.adapt_on_chunk(model, opt, tokens, 0, cfg.ttt_chunk_tokens, cfg.eval_seq_len, 1,
+                                 train_gpt.EvalContext(luts=(), batch_windows=1, device=META, rank=rank,
+                                                       world_size=world_size))
 
     return trace(run, AttentionShape(), _hidden(cfg))
 
