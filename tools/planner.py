@@ -27,6 +27,7 @@ import numpy as np
 
 import train_gpt
 from tools import workcount as wc
+from tools.envfile import read_env_file
 from tools.workcount import AttentionShape, Work, ceil_div
 
 # -----------------------------------------------------------------------------
@@ -131,20 +132,6 @@ def record_b() -> Profile:
 
 
 N_ENV_FILE = Path(__file__).resolve().parent.parent / "configs" / "record_n.env"
-
-
-def read_env_file(path: Path) -> dict[str, str]:
-    """KEY=VALUE lines of an env file (comments and blanks skipped); the values go through Config.from_env."""
-    env = {}
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        line = line.split("#", 1)[0].strip()
-        if not line:
-            continue
-        if "=" not in line:
-            raise ValueError(f"{path}:{i}: expected KEY=VALUE, got {line!r}")
-        key, value = line.split("=", 1)
-        env[key.strip().removeprefix("export ").strip()] = value.strip().strip("'\"")
-    return env
 
 
 def record_n() -> Profile:
