@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import sentencepiece as spm
+from tqdm import tqdm
 
 import train_gpt
 from data import caseops
@@ -192,7 +193,9 @@ def audit_sidecar(data_dir: str | Path, sp: spm.SentencePieceProcessor, seq_len:
     u2581_in_piece = np.array([sp.id_to_piece(i).count(U2581) for i in range(sp.vocab_size())], dtype=np.int64)
     transformed = transform == caseops.TRANSFORM_NAME
     texts = sp.decode([tokens[s + 1:e].tolist() for s, e in zip(bos, ends, strict=True)])
-    for d, (s, e, text) in enumerate(zip(bos, ends, texts, strict=True)):
+    docs = tqdm(zip(bos, ends, texts, strict=True), total=bos.size, desc="sidecar audit", unit="doc", disable=None,
+                leave=False)  # FineWeb has 50,000 val docs
+    for d, (s, e, text) in enumerate(docs):
         ids, claimed, why = tokens[s + 1:e], int(side[s:e].sum()), ""
         try:
             n = len((caseops.decode(text) if transformed else text).encode("utf-8"))
