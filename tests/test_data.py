@@ -183,7 +183,8 @@ def test_tokenizer_never_sees_val_unless_asked(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "b" / "manifest.json").read_text())["tokenizer_trained_on"] == "train+val"
 
 
-@pytest.mark.parametrize("case", ["missing", "bad_json", "no_text", "k_too_big", "vocab_tiny", "vocab_short"])
+@pytest.mark.parametrize("case", ["missing", "bad_json", "no_text", "k_too_big", "vocab_tiny", "vocab_short",
+                                  "caseops_vocab_tiny"])
 def test_tokenize_docs_errors(tmp_path: Path, capsys: pytest.CaptureFixture, case: str) -> None:
     docs = _write_docs(tmp_path / "docs.jsonl", ["alpha beta", "gamma delta", "epsilon"])
     vocab, k, needle = "300", "1", ""
@@ -202,8 +203,11 @@ def test_tokenize_docs_errors(tmp_path: Path, capsys: pytest.CaptureFixture, cas
     elif case == "vocab_short":  # above the 260 meta pieces but below them + the text's characters
         docs = _write_docs(tmp_path / "docs.jsonl", ["x"] + _pydoc_text(20_000))
         vocab, needle = "270", "vocab size 270 is too small for this text: SentencePiece needs at least"
+    elif case == "caseops_vocab_tiny":  # 4 more reserved ids: the operators
+        vocab, needle = "264", "more than 264 ids (4 special + 4 CaseOps operator + 256 byte pieces)"
     rc = tokenize_docs.main(["--docs", str(docs), "--vocab-size", vocab, "--num-val-docs", k,
-                             "--out", str(tmp_path / "out"), "--tokenizer-out", str(tmp_path / "tok")])
+                             "--out", str(tmp_path / "out"), "--tokenizer-out", str(tmp_path / "tok")]
+                            + ["--caseops"] * (case == "caseops_vocab_tiny"))
     err = capsys.readouterr().err
     assert rc == 2
     assert needle in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
@@ -409,3 +413,15 @@ def test_tiny_dataset_fixture_passes_the_audit(tiny_dataset) -> None:
     assert train_gpt.load_val_tokens(str(tiny_dataset.data_dir / "fineweb_val_*.bin"), 1024,
                                      tiny_dataset.vocab_size).max() < tiny_dataset.vocab_size
     assert r.raw_doc_bytes is not None and r.decoded_bytes_all_val <= r.raw_doc_bytes
+
+
+def test_audit_refuses_a_tokenizer_the_manifest_does_not_name(tiny_dataset, small_sp: spm.SentencePieceProcessor,
+                                                             tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    other = _model_path(small_sp, tmp_path)  # a real tokenizer, just not the one these shards were made with
+    want = json.loads((tiny_dataset.data_dir / "manifest.json").read_text())["tokenizer_sha256"]
+    rc = bpb_audit.main(["--data-dir", str(tiny_dataset.data_dir), "--tokenizer", str(other), "--seq-len", "1024"])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and err.startswith("error: ")
+    assert tokenize_docs.file_sha256(other) in err and want in err
+    with pytest.raises(bpb_audit.AuditError, match="not the tokenizer these shards were made with"):
+        bpb_audit.audit(tiny_dataset.data_dir, other, seq_len=1024)
