@@ -54,6 +54,7 @@ LOG_FORMATS = dict(
     train_shards="train_shards: {n}",
     val_tokens="val_tokens: {n}",
     tokenizer="tokenizer: sha256:{sha256} vocab:{vocab}",
+    val_bytes="val_bytes: source:{source} total:{total}",
     model_params="model_params:{n}",
     runtime="world_size:{world_size} grad_accum_steps:{accum} device:{device} cpus:{cpus} attention:{attention} "
             "compile:{compile} precision:{precision}",
@@ -283,6 +284,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 # -----------------------------------------------------------------------------
 
 SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_INTS = 20240520, 1, 256
+# A dataset dir: train and val token shards, and for a transformed tokenizer (CaseOps) a byte sidecar per val shard
+# (uint16 per val token: the original UTF-8 bytes that token stands for). "fineweb_val_*" would match the sidecars.
+TRAIN_GLOB, VAL_GLOB, VAL_BYTES_GLOB = "fineweb_train_*.bin", "fineweb_val_[0-9]*.bin", "fineweb_val_bytes_*.bin"
 SHARD_HEADER_BYTES = SHARD_HEADER_INTS * 4
 BOS_ID = 1
 
@@ -355,6 +359,17 @@ def load_val_tokens(pattern: str, seq_len: int, vocab_size: int | None = None) -
     if usable <= 0:
         raise ValueError(f"val split {pattern} has {tokens.size} tokens, fewer than one sequence of {seq_len}+1")
     return torch.from_numpy(tokens[: usable + 1].astype(np.int64))
+
+
+def load_val_bytes(dataset_dir: Path, num_tokens: int) -> Tensor | None:
+    """The val byte sidecar, if the dataset has one: shard i pairs with val shard i token for token, and it is cut
+    like the val tokens (num_tokens = the truncated length). None for a plain dataset (bytes come from the LUTs)."""
+    sidecars, shards = sorted(glob.glob(str(dataset_dir / VAL_BYTES_GLOB))), shard_files(str(dataset_dir / VAL_GLOB))
+    if not sidecars:
+        return None
+    if len(sidecars) != len(shards) or any(read_shard_header(a) != read_shard_header(b) for a, b in zip(sidecars, shards)):
+        raise ShardError(f"{dataset_dir}: the byte sidecars do not pair with the val shards token for token")
+    return torch.from_numpy(np.concatenate([load_shard(f) for f in sidecars])[:num_tokens].astype(np.int64))
 
 
 def build_byte_luts(sp, vocab_size: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -811,6 +826,7 @@ class EvalContext:
     luts: tuple[Tensor, Tensor, Tensor]
     batch_windows: int
     device: torch.device = torch.device("cpu")
+    val_bytes: Tensor | None = None  # the byte sidecar (val token i's original bytes), used instead of the LUTs
     amp: Callable = contextlib.nullcontext
     rank: int = 0
     world_size: int = 1
@@ -855,7 +871,8 @@ def score_windows(logits_fn: Callable[[Tensor], Tensor], tokens: Tensor, starts:
             logits = logits_fn(x)
         nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view_as(y).double()
         nll = torch.where(mask, nll, 0.0)
-        sums += torch.stack((nll.sum(), mask.sum().double(), (target_bytes(x, y, luts) * mask).sum().double()))
+        nbytes = target_bytes(x, y, luts) if ev.val_bytes is None else ev.val_bytes[(pos + 1).clamp(max=n)].to(ev.device)
+        sums += torch.stack((nll.sum(), mask.sum().double(), (nbytes * mask).sum().double()))
         if nll_out is not None:
             nll_out[pos[mask.cpu()]] = nll[mask].cpu()
         if hits_out is not None:
@@ -1168,6 +1185,15 @@ class Data:
     train_files: list[str]
     val_tokens: Tensor
     tokenizer_sha256: str
+    val_bytes: Tensor | None = None  # the byte sidecar of a transformed tokenizer (CaseOps); None: the LUTs count
+
+    def eval_context(self, batch_windows: int, **kw: object) -> EvalContext:
+        return EvalContext(self.luts, batch_windows, val_bytes=self.val_bytes, **kw)
+
+    def byte_total(self) -> int:
+        """UTF-8 bytes of every scored target (the bpb denominator of a full eval)."""
+        t = self.val_tokens
+        return int(self.val_bytes[1:].sum() if self.val_bytes is not None else target_bytes(t[:-1], t[1:], self.luts).sum())
 
 
 def load_data(cfg: Config) -> Data:
@@ -1181,8 +1207,9 @@ def load_data(cfg: Config) -> Data:
     if want and want != sha:
         raise ValueError(f"tokenizer {cfg.tokenizer_file} (sha256 {sha[:16]}...) is not the one {manifest} was built "
                          f"with (sha256 {want[:16]}...); bpb would be counted with the wrong byte tables")
-    val = load_val_tokens(str(cfg.dataset_dir / "fineweb_val_*.bin"), cfg.eval_seq_len, cfg.vocab_size)
-    return Data(build_byte_luts(sp, cfg.vocab_size), shard_files(str(cfg.dataset_dir / "fineweb_train_*.bin")), val, sha)
+    val = load_val_tokens(str(cfg.dataset_dir / VAL_GLOB), cfg.eval_seq_len, cfg.vocab_size)
+    return Data(build_byte_luts(sp, cfg.vocab_size), shard_files(str(cfg.dataset_dir / TRAIN_GLOB)), val, sha,
+                load_val_bytes(cfg.dataset_dir, val.numel()))
 
 
 def code_sources() -> dict[str, bytes]:
@@ -1219,7 +1246,8 @@ class Run:
         self.model = apply_precision(GPT(cfg, rt.fa3).to(rt.device), rt.precision)
         self.logits_fn = self.compile(self.model.forward_logits)
         windows = max(1, cfg.val_batch_tokens // (rt.world_size * self.accum * cfg.eval_seq_len))
-        self.ev = EvalContext(self.data.luts, windows, rt.device, rt.amp, rt.rank, rt.world_size, self.compiled)
+        self.ev = self.data.eval_context(windows, device=rt.device, amp=rt.amp, rank=rt.rank, world_size=rt.world_size,
+                                         static_shapes=self.compiled)
         self.step, self.train_ms, self.looping_step = 0, 0.0, None
 
     @classmethod
@@ -1275,6 +1303,7 @@ class Run:
         log(log_line("train_shards", n=len(self.data.train_files)))
         log(log_line("val_tokens", n=self.data.val_tokens.numel() - 1))
         log(log_line("tokenizer", sha256=self.data.tokenizer_sha256, vocab=cfg.vocab_size))
+        log(log_line("val_bytes", source="lut" if self.data.val_bytes is None else "sidecar", total=self.data.byte_total()))
         log(log_line("model_params", n=sum(p.numel() for p in self.model.parameters())))
         log(log_line("runtime", world_size=rt.world_size, accum=self.accum, device=rt.device.type, cpus=os.cpu_count(),
                      attention=rt.attention, compile=self.compiled, precision=rt.precision))

@@ -132,9 +132,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     try:
         cfg = tg.Config.from_summary(summary_path)
-        sp = tg.load_tokenizer(cfg.tokenizer_file, cfg.vocab_size)
-        luts = tg.build_byte_luts(sp, cfg.vocab_size)
-        val = tg.load_val_tokens(str(cfg.dataset_dir / "fineweb_val_*.bin"), cfg.eval_seq_len, cfg.vocab_size)
+        data = tg.load_data(cfg)
+        luts, val = data.luts, data.val_tokens
     except (OSError, ValueError, KeyError) as e:
         print(f"bench/eval.py: {e}", file=sys.stderr)
         return 2

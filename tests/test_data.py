@@ -410,7 +410,7 @@ def test_audit_input_errors(tmp_path: Path, small_sp: spm.SentencePieceProcessor
 def test_tiny_dataset_fixture_passes_the_audit(tiny_dataset) -> None:
     r = bpb_audit.audit(tiny_dataset.data_dir, tiny_dataset.tokenizer, seq_len=1024)
     assert r.passed and r.lut_bytes == r.decoded_bytes and 20_000 <= r.scored_tokens <= 40_000
-    assert train_gpt.load_val_tokens(str(tiny_dataset.data_dir / "fineweb_val_*.bin"), 1024,
+    assert train_gpt.load_val_tokens(str(tiny_dataset.data_dir / train_gpt.VAL_GLOB), 1024,
                                      tiny_dataset.vocab_size).max() < tiny_dataset.vocab_size
     assert r.raw_doc_bytes is not None and r.decoded_bytes_all_val <= r.raw_doc_bytes
 

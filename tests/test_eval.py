@@ -47,7 +47,7 @@ def one_torch_thread():
 @pytest.fixture(scope="module")
 def data(tiny_dataset) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
     """The first N+1 val tokens and the tokenizer's byte LUTs."""
-    val = train_gpt.load_val_tokens(str(tiny_dataset.data_dir / "fineweb_val_*.bin"), L, tiny_dataset.vocab_size)
+    val = train_gpt.load_val_tokens(str(tiny_dataset.data_dir / train_gpt.VAL_GLOB), L, tiny_dataset.vocab_size)
     sp = train_gpt.load_tokenizer(tiny_dataset.tokenizer, tiny_dataset.vocab_size)
     return val[: N + 1], train_gpt.build_byte_luts(sp, tiny_dataset.vocab_size)
 
@@ -101,6 +101,30 @@ def test_stride_equal_to_window_is_the_plain_eval(model: GPT, data) -> None:
     loss, bpb = train_gpt.evaluate(model.forward_logits, tokens, L, L, EV(luts, 4))
     assert loss == pytest.approx(float(nll) / N, rel=1e-6)
     assert bpb == pytest.approx(float(nll) / math.log(2) / nbytes, rel=1e-6)
+
+
+def test_byte_sidecar_replaces_the_luts(model: GPT, data) -> None:
+    """A transformed tokenizer's val bytes come from the sidecar: target i (the token at stream position i) counts
+    val_bytes[i], in plain and sliding scoring alike; the loss is untouched."""
+    tokens, luts = data
+    val_bytes = torch.randint(0, 5, (tokens.numel(),))
+    for stride in (L, L // 2):
+        starts = train_gpt.window_starts(N, L, stride)
+        plain = train_gpt.score_windows(model.forward_logits, tokens, starts, L, stride, EV(luts, 64))
+        side = train_gpt.score_windows(model.forward_logits, tokens, starts, L, stride,
+                                       train_gpt.EvalContext(luts, 64, val_bytes=val_bytes))
+        assert int(side[2]) == int(val_bytes[1 : N + 1].sum()) and float(side[0]) == float(plain[0])
+
+
+def test_val_bytes_must_pair_with_the_val_shards(tmp_path: Path) -> None:
+    train_gpt.write_shard(tmp_path / "fineweb_val_000000.bin", np.arange(10, dtype=np.uint16))
+    assert train_gpt.load_val_bytes(tmp_path, 9) is None  # a plain dataset: the LUTs count
+    train_gpt.write_shard(tmp_path / "fineweb_val_bytes_000000.bin", np.full(10, 2, dtype=np.uint16))
+    assert train_gpt.load_val_bytes(tmp_path, 9).tolist() == [2] * 9  # cut like the val tokens
+    assert train_gpt.shard_files(str(tmp_path / train_gpt.VAL_GLOB)) == [str(tmp_path / "fineweb_val_000000.bin")]
+    train_gpt.write_shard(tmp_path / "fineweb_val_bytes_000000.bin", np.full(11, 2, dtype=np.uint16))
+    with pytest.raises(train_gpt.ShardError, match="do not pair"):
+        train_gpt.load_val_bytes(tmp_path, 9)
 
 
 @pytest.mark.parametrize("n", [N, N - 3])  # the second: a stream whose end is not on a stride boundary

@@ -331,12 +331,11 @@ def main(argv: list[str] | None = None) -> int:
         if not cfg.dataset_dir.is_dir():
             raise CheckError(f"{cfg.dataset_dir}: no such dataset dir")
         try:
-            sp = train_gpt.load_tokenizer(cfg.tokenizer_file, cfg.vocab_size)
+            data = train_gpt.load_data(cfg)
         except RuntimeError:  # sentencepiece's parse error
             raise CheckError(f"{cfg.tokenizer_file}: not a SentencePiece model") from None
-        luts = train_gpt.build_byte_luts(sp, cfg.vocab_size)
+        luts, val = data.luts, data.val_tokens
         L, S, C = cfg.eval_seq_len, cfg.eval_stride, cfg.ttt_chunk_tokens
-        val = train_gpt.load_val_tokens(str(cfg.dataset_dir / "fineweb_val_*.bin"), L, cfg.vocab_size)
         if args.tokens is not None and args.tokens < L:
             raise CheckError(f"--tokens {args.tokens}: need at least one window of EVAL_SEQ_LEN={L}")
         n = min(args.tokens or C + L, val.numel() - 1) // L * L
