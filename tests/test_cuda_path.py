@@ -153,6 +153,11 @@ def test_bf16_policy_matches_record_p() -> None:
     assert set(dtypes.values()) == {torch.float32}
     assert list(model.buffers()) == []  # nothing for DDP to sync: its buffer keyword differs across torch versions
     assert all(p.dtype == torch.float32 for p in train_gpt.apply_precision(GPT(TINY), "fp32").parameters())
+    rt = train_gpt.Runtime(precision="bf16")
+    assert rt.ns_dtype == BF16 and train_gpt.Optimizers(model, TINY, ns_dtype=rt.ns_dtype).muon.dtype == BF16
+    with rt.amp():
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == BF16
+    assert train_gpt.Runtime().ns_dtype == torch.float32
 
 
 def test_fa3_path_under_cuda_autocast_policy_trains() -> None:
