@@ -269,18 +269,12 @@ class Logger:
             f.write(msg + "\n")
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 
 # -----------------------------------------------------------------------------
 # DATA: token shards, val tokens, byte accounting
 #
 # Shard = 256 little-endian int32 header (magic, version, token count) + uint16 tokens. Every doc is [BOS]+tokens,
-# no EOS. This is the one implementation of the format: data/ scripts and tools/ import it from here.
+# no EOS. This is the one reader of the format (data/shards.py writes it); data/ and tools/ import it from here.
 # -----------------------------------------------------------------------------
 
 SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_INTS = 20240520, 1, 256
@@ -325,21 +319,6 @@ def load_shard(path: str | Path, vocab_size: int | None = None, mmap: bool = Fal
     if vocab_size is not None and n and (top := int(tokens.max())) >= vocab_size:
         raise ShardError(f"{path}: token id {top} >= vocab size {vocab_size}; shards and tokenizer disagree")
     return tokens
-
-
-def write_shard(path: str | Path, tokens: np.ndarray) -> None:
-    """Write tokens as a shard, atomically (temp file, then rename)."""
-    tokens = np.asarray(tokens)
-    if tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) >= 2**16):
-        raise ValueError(f"{path}: token ids must fit in uint16")
-    header = np.zeros(SHARD_HEADER_INTS, dtype="<i4")
-    header[:3] = (SHARD_MAGIC, SHARD_VERSION, tokens.size)
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(header.tobytes())
-        f.write(tokens.astype("<u2").tobytes())
-    os.replace(tmp, path)
 
 
 def shard_files(pattern: str) -> list[str]:
@@ -1488,7 +1467,9 @@ class Run:
             summary.update(bytes_code=code, bytes_model=n, bytes_total=code + n, bytes_limit=ARTIFACT_LIMIT_BYTES,
                            artifact=str(self.artifact_path), artifact_sha256=sha256_file(self.artifact_path),
                            log=str(self.log.path))
-            atomic_write_bytes(self.out_dir / "run_summary.json", json.dumps(summary, indent=2).encode())
+            tmp = self.out_dir / "run_summary.json.tmp"  # written whole or not at all
+            tmp.write_text(json.dumps(summary, indent=2))
+            os.replace(tmp, self.out_dir / "run_summary.json")
         return summary
 
 

@@ -8,7 +8,7 @@ SentencePiece trainer settings, every doc written as [BOS] + sp.encode(text) wit
 train = the rest, docs packed across shard boundaries, shards named fineweb_{val,train}_%06d.bin. Two deliberate
 differences, both stated in --help: the tokenizer trains on train docs only unless --tokenizer-sees-val, and
 docs longer than SentencePiece's sentence limit are split for training instead of silently dropped.
-The shard format itself comes from train_gpt.py (write_shard), the one implementation of it.
+Shards are written by data/shards.py (write_shard) and read by train_gpt.py.
 
 --caseops builds a CaseOps dataset (record N's lossless-case tokenizer; docs/data.md): every doc goes through
 data/caseops.encode before the tokenizer (training and export), the four operator characters are user-defined pieces
@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 import train_gpt
 from data import caseops, sidecar
+from data.shards import write_shard
 
 DEFAULT_SHARD_TOKENS = 10**8  # upstream SHARD_SIZE
 # Upstream trainer settings, exactly (STACK.md §0). minloglevel only silences the trainer's log spam.
@@ -199,7 +200,7 @@ class _ShardWriter:
         if self.fill == 0:
             return
         path = self.out_dir / f"fineweb_{self.split}_{len(self.stats['files']):06d}.bin"
-        train_gpt.write_shard(path, self.buf[:self.fill])
+        write_shard(path, self.buf[:self.fill])
         self.stats["files"].append({"name": path.name, "tokens": self.fill, "sha256": file_sha256(path)})
         self.fill = 0
         self.buf = np.empty(0, dtype=np.uint16)

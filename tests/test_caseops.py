@@ -16,6 +16,7 @@ import sentencepiece as spm
 import train_gpt
 from data import builtin_corpus, caseops, sidecar, tokenize_docs
 from data.caseops import ALLCAPS, CAPNEXT, ESC, SENTINEL, TITLE
+from data.shards import write_shard
 from tools import bpb_audit
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -280,7 +281,7 @@ def _write_sidecar(files: list[Path], counts: np.ndarray) -> None:
     pos = 0
     for f in files:
         n = train_gpt.read_shard_header(f)
-        train_gpt.write_shard(f, counts[pos:pos + n])
+        write_shard(f, counts[pos:pos + n])
         pos += n
 
 
@@ -351,7 +352,7 @@ def _corrupt(kind: str, files: list[Path], tokens: np.ndarray, counts: np.ndarra
         counts[bos[1]] += 1
         return "BOS positions have nonzero sidecar bytes (first at val position"
     if kind == "shifted":  # one entry lost: the sidecar no longer lines up with its shard
-        train_gpt.write_shard(files[0], counts[1:train_gpt.read_shard_header(files[0])])
+        write_shard(files[0], counts[1:train_gpt.read_shard_header(files[0])])
         return "entries but fineweb_val_000000.bin has"
     if kind == "missing_file":
         files[-1].unlink()
@@ -361,8 +362,8 @@ def _corrupt(kind: str, files: list[Path], tokens: np.ndarray, counts: np.ndarra
         v0 = sidecar.val_token_files(ds)
         for f in v0 + files:
             f.unlink()
-        train_gpt.write_shard(ds / "fineweb_val_000000.bin", tokens[keep])
-        train_gpt.write_shard(ds / "fineweb_val_bytes_000000.bin", counts[keep])
+        write_shard(ds / "fineweb_val_000000.bin", tokens[keep])
+        write_shard(ds / "fineweb_val_bytes_000000.bin", counts[keep])
         return "the val stream does not start with BOS"
     raise AssertionError(kind)
 

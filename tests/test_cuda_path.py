@@ -15,10 +15,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import TINY_TRAIN
-from tools.cuda_emulation import PROBES, FA3ContractError, StrictFA3, cuda_autocast_policy, cuda_policy, strict_fa3
 from torch.overrides import TorchFunctionMode
 
 import train_gpt
+from tools.cuda_emulation import PROBES, FA3ContractError, StrictFA3, cuda_autocast_policy, cuda_policy, strict_fa3
 from train_gpt import GPT, Config
 
 ROOT = Path(__file__).resolve().parent.parent

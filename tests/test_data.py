@@ -13,6 +13,7 @@ import sentencepiece as spm
 
 import train_gpt
 from data import builtin_corpus, tokenize_docs
+from data.shards import write_shard
 from tools import bpb_audit
 
 # Text with multi-byte characters the tokenizer learns (é, ü), characters it never sees in training (emoji,
@@ -57,7 +58,7 @@ def test_shard_round_trip(tmp_path: Path) -> None:
     tokens = np.random.default_rng(0).integers(0, 2**16, size=10_001).astype(np.uint16)
     tokens[:2] = (0, 65535)
     path = tmp_path / "fineweb_train_000000.bin"
-    train_gpt.write_shard(path, tokens)
+    write_shard(path, tokens)
     assert path.stat().st_size == train_gpt.SHARD_HEADER_BYTES + 2 * tokens.size
     assert train_gpt.read_shard_header(path) == tokens.size
     np.testing.assert_array_equal(train_gpt.load_shard(path), tokens)
@@ -84,7 +85,7 @@ def _corrupt(path: Path, kind: str) -> None:
                                          ("extra", "truncated or corrupt"), ("short_header", "shorter than")])
 def test_bad_shard_errors_name_the_file(tmp_path: Path, kind: str, needle: str) -> None:
     path = tmp_path / f"fineweb_val_{kind}.bin"
-    train_gpt.write_shard(path, np.arange(100, dtype=np.uint16))
+    write_shard(path, np.arange(100, dtype=np.uint16))
     _corrupt(path, kind)
     with pytest.raises(train_gpt.ShardError, match=needle) as e:
         train_gpt.load_shard(path)
@@ -93,7 +94,7 @@ def test_bad_shard_errors_name_the_file(tmp_path: Path, kind: str, needle: str) 
 
 def test_token_id_beyond_vocab_names_the_file(tmp_path: Path) -> None:
     path = tmp_path / "fineweb_val_000000.bin"
-    train_gpt.write_shard(path, np.array([1, 5, 1024], dtype=np.uint16))
+    write_shard(path, np.array([1, 5, 1024], dtype=np.uint16))
     train_gpt.load_shard(path, vocab_size=1025)
     with pytest.raises(train_gpt.ShardError, match="token id 1024 >= vocab size 1024") as e:
         train_gpt.load_shard(path, vocab_size=1024)
@@ -326,7 +327,7 @@ def _val_dataset(tmp_path: Path, sp: spm.SentencePieceProcessor, val_tokens: lis
     out = tmp_path / "ds"
     tokenize_docs.export_dataset(VAL_DOCS + ["some train text"], sp, len(VAL_DOCS), out)
     if val_tokens is not None:
-        train_gpt.write_shard(out / "fineweb_val_000000.bin", np.array(val_tokens, dtype=np.uint16))
+        write_shard(out / "fineweb_val_000000.bin", np.array(val_tokens, dtype=np.uint16))
     return out
 
 

@@ -27,7 +27,8 @@ from urllib.parse import unquote
 import numpy as np
 import pytest
 
-from train_gpt import read_shard_header, write_shard
+from data.shards import write_shard
+from train_gpt import read_shard_header
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "data" / "cached_challenge_fineweb.py"

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import train_gpt
+from data.shards import write_shard
 from quant import encode_artifact, quantize_state_dict, save_artifact
 from tools import check_legality as cl
 from train_gpt import GPT, Config
@@ -117,12 +118,12 @@ def test_byte_sidecar_replaces_the_luts(model: GPT, data) -> None:
 
 
 def test_val_bytes_must_pair_with_the_val_shards(tmp_path: Path) -> None:
-    train_gpt.write_shard(tmp_path / "fineweb_val_000000.bin", np.arange(10, dtype=np.uint16))
+    write_shard(tmp_path / "fineweb_val_000000.bin", np.arange(10, dtype=np.uint16))
     assert train_gpt.load_val_bytes(tmp_path, 9) is None  # a plain dataset: the LUTs count
-    train_gpt.write_shard(tmp_path / "fineweb_val_bytes_000000.bin", np.full(10, 2, dtype=np.uint16))
+    write_shard(tmp_path / "fineweb_val_bytes_000000.bin", np.full(10, 2, dtype=np.uint16))
     assert train_gpt.load_val_bytes(tmp_path, 9).tolist() == [2] * 9  # cut like the val tokens
     assert train_gpt.shard_files(str(tmp_path / train_gpt.VAL_GLOB)) == [str(tmp_path / "fineweb_val_000000.bin")]
-    train_gpt.write_shard(tmp_path / "fineweb_val_bytes_000000.bin", np.full(11, 2, dtype=np.uint16))
+    write_shard(tmp_path / "fineweb_val_bytes_000000.bin", np.full(11, 2, dtype=np.uint16))
     with pytest.raises(train_gpt.ShardError, match="do not pair"):
         train_gpt.load_val_bytes(tmp_path, 9)
 

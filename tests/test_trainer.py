@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import train_gpt
+from data.shards import write_shard
 from train_gpt import (
     GPT,
     Config,
@@ -28,7 +29,6 @@ from train_gpt import (
     ShardError,
     ShuffledSequenceLoader,
     train_step,
-    write_shard,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
