@@ -20,7 +20,7 @@ from torch import Tensor
 import train_gpt
 from data.shards import write_shard
 from quant import encode_artifact, quantize_state_dict, save_artifact
-from tools import check_legality as cl
+from tools import legality as cl
 from train_gpt import GPT, Config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -185,7 +185,7 @@ def test_ttt_scores_before_adapting_and_never_trains_on_the_last_chunk(cfg: Conf
     assert events == ["score", "adapt 0", "score", "adapt 1", "score"]
     sliding = train_gpt.evaluate(model.forward_logits, tokens, L, S, EV(luts, 4))
     assert abs(ttt[1] - sliding[1]) > 1e-6, "TTT with lr > 0 left the score unchanged: the lr-0 test proves nothing"
-    # the same weights come from adapting on chunks 0..K-2 alone, with the cosine lr of STACK.md §D.3
+    # the same weights come from adapting on chunks 0..K-2 alone, with record P's cosine lr over chunks
     ref = copy.deepcopy(model)
     opt = torch.optim.SGD(ref.parameters(), lr=cfg.ttt_lr, momentum=cfg.ttt_momentum)
     for c in range(2):

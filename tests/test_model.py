@@ -24,7 +24,7 @@ def tiny_model(seed: int = 0, **overrides: object) -> GPT:
 def test_default_config_has_record_p_param_count() -> None:
     with torch.device("meta"):  # no memory, no init cost
         model = GPT(Config())
-    assert sum(p.numel() for p in model.parameters()) == 35_944_536  # STACK.md §A.1.7
+    assert sum(p.numel() for p in model.parameters()) == 35_944_536  # record P's log: model_params:35944536
 
 
 def test_param_roles_snapshot() -> None:
