@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tools.parse_log import SEP, parse_hyperparameters, parse_log, parse_value, split_header
+from tools.log_parser import SEP, parse_hyperparameters, parse_log, parse_value, split_header
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -31,7 +31,8 @@ def test_ours_wallclock_stop() -> None:
     assert r["step_avg_ms"] == pytest.approx(57751.0 / 150)
     assert list(r["evals"]) == ["pre-quantization post-ema", "quantized", "quantized_sliding_window", "quantized_ttt"]
     assert r["evals"]["quantized_sliding_window"] == {"val_loss": 3.9811204, "val_bpb": 2.29518422,
-                                                      "eval_time_ms": 20544.0}
+                                                      "eval_time_ms": 20544.0, "name": "quantized_sliding_window",
+                                                      "attrs": {}, "note": "", "order": 2}
     assert (r["final_label"], r["final_val_bpb"], r["final_val_loss"]) == ("quantized_ttt", 2.28888888, 3.97020019)
     assert (r["bytes_code"], r["bytes_model"], r["bytes_total"]) == (61234, 198765, 259999)
     assert r["bytes_model_raw"] == 1019431 and r["artifact_scheme"] == "quantized+brotli"
