@@ -321,6 +321,19 @@ def test_upstream_layout(tiny_runs: list[Path], record: Path, tmp_path: Path, mo
     assert not [r for r in rows if r.status == "FAIL"]
 
 
+def test_build_without_a_sandbox_never_runs_the_code(tiny_runs: list[Path], tmp_path: Path, monkeypatch) -> None:
+    from tools import sandbox
+
+    def boom(*a: object, **k: object) -> None:
+        raise AssertionError("the smoke run must not start without a sandbox")
+    monkeypatch.setattr(sandbox, "sandbox_status", lambda: "bubblewrap is not installed")
+    monkeypatch.setattr(record_build, "smoke_run", boom)
+    said: list[str] = []
+    out = record_build.build(build_args(tiny_runs, tmp_path / "nosbx"), say=said.append)
+    assert (out / "train_gpt.py").is_file()
+    assert any("smoke run skipped, the packed file was not executed: bubblewrap" in s for s in said)
+
+
 # --- check_record: each rule catches its violation -------------------------------------------------------------------
 
 def test_size_cap_is_exact(rec: Path) -> None:

@@ -43,6 +43,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"check_record.py: error: {e}", file=sys.stderr)
             status = max(status, 2)
             continue
+        except Exception as e:  # a checker bug must not hide the other folders' verdicts; say which input hit it
+            print(f"check_record.py: error: {folder}: internal error {type(e).__name__}: {e}", file=sys.stderr)
+            status = max(status, 2)
+            continue
         if len(args.folders) > 1:
             print(f"== {folder}")
         print(format_rows(rows))

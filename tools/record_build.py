@@ -3,7 +3,8 @@ twin, the logs, the artifacts, submission.json and a generated README.md.
 
 The code comes from the runs' logs (every log starts with the byte-exact frames of the files that ran), never from
 the working tree: all seeds must have run identical code. quant/ is inlined, the result packed (record_pack), the
-packed file scanned statically and then run on a tiny CPU config inside the sandbox (record_smoke). Only then are
+packed file scanned statically and then run on a tiny CPU config inside the sandbox (record_smoke; skipped with a
+warning where no sandbox exists: the code is never run unsandboxed). Only then are
 bytes counted and the folder written, atomically (built beside the target, then renamed into place).
 """
 
@@ -18,6 +19,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tools import sandbox
 from tools.record_docs import readme, submission
 from tools.record_folder import TRACKS
 from tools.record_pack import RecordError, check_equivalent, inline_quant, pack
@@ -117,10 +119,14 @@ def build(opts: BuildOptions, say=print) -> Path:
         if f.kind != "info":
             say(f"warning: line {f.line} of the packed source: {f.what} ({f.kind}); the sandboxed run decides")
     defaults = config_defaults(readable)
-    with tempfile.TemporaryDirectory(prefix="pgolf_smoke_") as work:
-        smoke = smoke_run(packed, Path(work), set(defaults))
-    say(f"smoke run of the packed file (sandboxed: {', '.join(smoke.observation.observers)}): {smoke.seconds:.1f} s, "
-        f"bytes_code:{smoke.bytes_code} bytes_model:{smoke.bytes_model} val_bpb:{smoke.val_bpb:.4f}")
+    if (why := sandbox.sandbox_status()) is not None:  # never run code from a log unsandboxed
+        say(f"warning: smoke run skipped, the packed file was not executed: {why}")
+    else:
+        with tempfile.TemporaryDirectory(prefix="pgolf_smoke_") as work:
+            smoke = smoke_run(packed, Path(work), set(defaults))
+        say(f"smoke run of the packed file (sandboxed: {', '.join(smoke.observation.observers)}): "
+            f"{smoke.seconds:.1f} s, bytes_code:{smoke.bytes_code} bytes_model:{smoke.bytes_model} "
+            f"val_bpb:{smoke.val_bpb:.4f}")
 
     overrides = config_overrides(runs, defaults)
     sub = submission(runs, opts, size, hw)

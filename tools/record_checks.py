@@ -58,7 +58,7 @@ def check_inputs(f: Folder) -> list[Row]:
 
 def check_script(scan: Scan, size: int) -> list[Row]:
     inner = f" -> {len(scan.inner.encode()):,} bytes" if scan.inner is not None else ""
-    rows = [Row("script", "", f"{scan.wrapper}, {size:,}{inner} , parsed by {scan.parsed_with}", "", "INFO")]
+    rows = [Row("script", "", f"{scan.wrapper}, {size:,}{inner} bytes, parsed by {scan.parsed_with}", "", "INFO")]
     if scan.parse_error:
         rows.append(Row("script parse", "", scan.parse_error, "", "INFO" if scan.parsed_with != "tokens" else "WARN"))
     for x in scan.findings:
@@ -202,11 +202,17 @@ def step_seconds(p: dict[str, Any]) -> float:
     return (p["step_avg_ms"] or 0.0) / 1000
 
 
+def train_tolerance(p: dict[str, Any]) -> float:
+    """Seconds the train loop may run past the cap: two steps, at least 0.25 s. The loop stops at the first step
+    boundary past the cap, and the stop decision (an all-reduce of "cap reached") is taken on the clock read at the
+    previous boundary, so the last step can end up to two steps late; upstream accepted 600.02-600.14 s."""
+    return max(2 * step_seconds(p), 0.25)
+
+
 def check_time(seed: str, p: dict[str, Any], track: str) -> list[Row]:
-    """Train loop <= 600 s + one step (the loop stops at the first step past the cap); loop + Hessians past that is
-    a rule risk (WARN); eval <= 600 s."""
+    """Train loop <= 600 s + tolerance; loop + Hessians past that is a rule risk (WARN); eval <= 600 s."""
     step_s = step_seconds(p)
-    train_limit = TIME_LIMIT_SECONDS + step_s
+    train_limit = TIME_LIMIT_SECONDS + train_tolerance(p)
     rows: list[Row] = []
     if p["time_ledger"]:
         sums = {"train": 0.0, "eval": 0.0, "none": 0.0, "unknown": 0.0}
@@ -248,7 +254,7 @@ def check_time(seed: str, p: dict[str, Any], track: str) -> list[Row]:
         ev, how = p["total_eval_time_s"], "total_eval_time"
     else:
         stages = {k: v["eval_time_ms"] for k, v in p["evals"].items() if v["eval_time_ms"] is not None and submittable(k)
-                  and ("sliding" in k or "ttt" in k or k == p["final_label"])}
+                  and ("sliding" in k or "ttt" in k or p["final_label"] in (k, f"{k}_exact"))}
         ev, how = sum(stages.values()) / 1000, " + ".join(stages) or "no timed eval"
     rows.append(_time_limits(track, seed, "eval", ev, TIME_LIMIT_SECONDS, True, how))
     return rows

@@ -77,6 +77,8 @@ def submission(runs: list[Run], args: Any, bytes_code: int, hw: str) -> dict[str
         "hardware": hw,
         "pytorch_version": ", ".join(torch_versions),
         "compliance": compliance(runs, bytes_code),
+        **({"tokenizer_sha256": toks.pop()} if len(toks := {r.parsed.get("tokenizer_sha256") for r in runs}) == 1
+           and None not in toks else {}),
     }
 
 

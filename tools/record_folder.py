@@ -151,7 +151,7 @@ def read_submission(folder: Path) -> Claims:
         raw = json.loads(read_bytes(path, MAX_JSON_BYTES).decode("utf-8"))
     except UnsafeFile as e:
         raise FolderError(str(e)) from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise FolderError(f"{path}: unreadable ({e})") from None
     if not isinstance(raw, dict):
         raise FolderError(f"{path}: not a JSON object")

@@ -42,6 +42,8 @@ def _parse(src: str, name: str) -> ast.Module:
         return ast.parse(src, filename=name)
     except SyntaxError as e:
         raise RecordError(f"{name}: does not parse ({e.msg}, line {e.lineno})") from None
+    except (ValueError, RecursionError, MemoryError) as e:  # NUL bytes, absurd nesting
+        raise RecordError(f"{name}: does not parse ({type(e).__name__}: {str(e)[:80]})") from None
 
 
 def _bound_imports(node: ast.Import | ast.ImportFrom) -> dict[str, str]:

@@ -152,6 +152,7 @@ def command(work: Path, script_dir: Path, script: str, events_fd: int, strace_ou
 def _read_events(path: Path, obs: Observation, script_dir: Path, script: str, extra_roots: list[str]) -> None:
     roots = _allowed_roots() + [os.path.realpath(r) for r in extra_roots]
     record = os.path.realpath(script_dir)
+    work = os.path.dirname(record)
     main = os.path.join(record, script)
     kinds: list[str] = []
     for line in path.read_text(errors="replace").splitlines()[:200_000]:
@@ -167,8 +168,10 @@ def _read_events(path: Path, obs: Observation, script_dir: Path, script: str, ex
         elif kind == "process":
             obs.processes.append((_executable(ev.get("event", ""), ev.get("args") or []),
                                   f"{ev.get('event')} {ev.get('args')}"[:160]))
-        elif kind == "dlopen" and ev.get("name") and not _under(os.path.realpath(ev["name"]), roots) and "/" in ev["name"]:
-            obs.native.append(ev["name"])
+        elif kind == "dlopen" and ev.get("name") and "/" in ev["name"]:
+            lib = os.path.realpath(ev["name"])
+            if _under(lib, [work]) or not _under(lib, roots):  # the folder, the run's files, anything not installed
+                obs.native.append(ev["name"])
         elif kind == "import" and _under(ev.get("path", ""), [record]):
             obs.code_files.append(os.path.relpath(ev["path"], record))
         elif kind == "open":
@@ -177,7 +180,7 @@ def _read_events(path: Path, obs: Observation, script_dir: Path, script: str, ex
                 obs.files_read.append(os.path.relpath(p, record))
                 if re.search(r"\.(py|pyc|so|pyz|zip)$", p):
                     obs.code_files.append(os.path.relpath(p, record))
-            elif not _under(p, roots + [record]) and len(obs.outside_reads) < 50:
+            elif not _under(p, roots + [record, "/tmp"]) and len(obs.outside_reads) < 50:  # /tmp: the sandbox's own
                 obs.outside_reads.append(p)
         elif kind == "unpickle":
             target = ev.get("target", "")

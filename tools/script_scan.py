@@ -155,7 +155,7 @@ def decode_wrappers(text: str, parse: Any = ast.parse) -> tuple[str, str, str | 
     for _ in range(MAX_DEPTH):
         try:
             tree = parse(src)
-        except SyntaxError:
+        except (SyntaxError, ValueError, RecursionError, MemoryError):
             break
         hit = _exec_payload(tree)
         if hit is None:
@@ -379,7 +379,8 @@ def scan_script(text: str, siblings: set[str] | frozenset[str] = frozenset(), ot
     siblings = set(siblings)
     try:
         ast.parse(text)
-    except SyntaxError as e:
+    except (SyntaxError, ValueError, RecursionError, MemoryError) as e:  # ValueError: NUL bytes
+        msg, lineno = getattr(e, "msg", None) or str(e) or type(e).__name__, getattr(e, "lineno", None)
         for exe in newer_pythons() if other_pythons else []:
             res = _scan_elsewhere(exe, text)
             if res is not None:
@@ -388,16 +389,19 @@ def scan_script(text: str, siblings: set[str] | frozenset[str] = frozenset(), ot
                 _sibling_refs(scan, siblings)
                 return scan
         scan = Scan("plain", text, "tokens", f"Python {sys.version_info[0]}.{sys.version_info[1]} cannot parse it "
-                    f"({e.msg}, line {e.lineno})", _token_scan(text, siblings))
+                    f"({msg}, line {lineno})", _token_scan(text, siblings))
         return scan
     inner, wrapper, error = decode_wrappers(text)
     try:
         tree = ast.parse(inner)
-    except SyntaxError as e:
-        return Scan(wrapper, inner, "tokens", f"decoded source does not parse ({e.msg}, line {e.lineno})",
-                    _token_scan(inner, siblings))
+    except (SyntaxError, ValueError, RecursionError, MemoryError) as e:
+        return Scan(wrapper, inner, "tokens", f"decoded source does not parse ({getattr(e, 'msg', None) or e}, line "
+                    f"{getattr(e, 'lineno', None)})", _token_scan(inner, siblings))
     cap = _Capabilities(siblings)
-    cap.visit(tree)
+    try:
+        cap.visit(tree)
+    except RecursionError:
+        cap.out.append(Finding(0, "dynamic", "nesting too deep to walk; the rest was not scanned"))
     findings = sorted(set(cap.out), key=lambda f: (f.line, f.kind, f.what))
     if error:
         findings.insert(0, Finding(0, "dynamic", error))
