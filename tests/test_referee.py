@@ -365,3 +365,46 @@ def test_sandbox_absent_means_not_run(monkeypatch) -> None:
     rows = check_observation(obs)
     assert [(r.check, r.status) for r in rows] == [("sandbox run", "WARN")]
 
+
+
+def test_scan_under_another_interpreter_speaks_json() -> None:
+    # what runs when the running Python cannot parse a script and a newer python3.X can: same scan, as JSON
+    import sys
+
+    from tools.script_scan import _scan_elsewhere
+    res = _scan_elsewhere(sys.executable, "import os\nos.system('x')\n")
+    assert res is not None and res["parsed_with"].startswith("ast")
+    assert any(f["kind"] == "process" and f["line"] == 2 for f in res["findings"])
+
+
+def test_parse_log_cli_final_label(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    log = tmp_path / "x.log"
+    log.write_text("final_sliding_window_exact val_loss:1.95 val_bpb:1.15612345\nlegal_ttt val_loss:9.1 val_bpb:5.4\n")
+    cli = [sys.executable, str(Path(__file__).resolve().parent.parent / "tools" / "parse_log.py"), str(log)]
+    row = json.loads(subprocess.run([*cli, "--final", "final_sliding_window_exact"], capture_output=True,
+                                    text=True, check=True).stdout)
+    assert row["final_label"] == "final_sliding_window_exact" and row["final_val_bpb"] == 1.15612345
+    assert json.loads(subprocess.run(cli, capture_output=True, text=True, check=True).stdout)["final_val_bpb"] == 5.4
+
+
+def test_tokenizer_hash_must_match_across_seeds_json_and_manifest(tmp_path: Path) -> None:
+    a, b = "a" * 64, "b" * 64
+    folder = p_folder(tmp_path, seeds=(42, 314))
+    for seed in (42, 314):
+        log = folder / f"train_seed{seed}.log"
+        log.write_text(log.read_text().replace("train_shards: 128\n", f"train_shards: 128\ntokenizer: sha256:{a} "
+                                               "vocab:8192\n"))
+    rows = check(folder)
+    assert [r.status for r in rows if r.check == "tokenizer"] == ["INFO"]
+    sub = json.loads((folder / "submission.json").read_text())
+    (folder / "submission.json").write_text(json.dumps({**sub, "tokenizer_sha256": b}))
+    assert [r.status for r in check(folder) if r.check == "tokenizer"] == ["FAIL"]  # not the one the JSON names
+    (folder / "submission.json").write_text(json.dumps({**sub, "tokenizer_sha256": a}))
+    dataset = write(tmp_path / "ds", {"manifest.json": json.dumps({"tokenizer_sha256": b})})
+    rows = check_folder(folder, Options(run=False, dataset=dataset))
+    assert [r.status for r in rows if r.check == "tokenizer"] == ["PASS", "FAIL"]  # JSON agrees, manifest does not
+    log = folder / "train_seed314.log"  # same vocab size, another tokenizer
+    log.write_text(log.read_text().replace(f"sha256:{a}", f"sha256:{b}"))
+    assert "FAIL" in [r.status for r in check(folder) if r.check == "tokenizer"]

@@ -107,7 +107,9 @@ class Observation:
 
 @functools.lru_cache(maxsize=1)
 def sandbox_status() -> str | None:
-    """None when bubblewrap works here, else why not (one line)."""
+    """None when bubblewrap works here, else why not (one line). PGOLF_SANDBOX=off disables it (nothing then runs)."""
+    if os.environ.get("PGOLF_SANDBOX") == "off":
+        return "disabled by PGOLF_SANDBOX=off"
     bwrap = shutil.which("bwrap")
     if not bwrap:
         return "bubblewrap is not installed (apt-get install bubblewrap)"
