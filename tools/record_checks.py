@@ -344,18 +344,32 @@ def score_row(check: str, seed: str, claimed: Any, logged: float, label: str) ->
 
 
 def finals(f: Folder) -> dict[int, tuple[str, float, float, str]]:
-    """Per seed (label, bpb, loss, why): the submitted score, chosen from the declared eval or the claims."""
+    """Per seed (label, bpb, loss, why): the submitted score. One label for all seeds: the declared one, else the
+    submittable label whose scores are closest to the claims over all seeds (so one wrong claim cannot move its own
+    seed to another line), else each log's last submittable line."""
     declared = next((f.claims.get(k) for k in ("eval", "final_label", "eval_label", "metric")
                      if isinstance(f.claims.get(k), str)), None)
     mean_claim = f.claims.get("val_bpb")
+    mean_claim = mean_claim if isinstance(mean_claim, int | float) and not isinstance(mean_claim, bool) else None
+    claims = {seed: f.claims.per_seed.get(seed, {}).get("val_bpb", mean_claim) for seed in f.logs}
+    shared = set.intersection(*(set(lf.parsed["evals"]) for lf in f.logs.values())) if f.logs else set()
+    shared = {lab for lab in shared if submittable(lab)}
+    label, why = None, ""
+    if declared and declared in shared:
+        label, why = declared, f"declared `{declared}`"
+    elif shared and any(c is not None for c in claims.values()):
+        def cost(lab: str) -> tuple[float, int]:
+            gaps = [abs(f.logs[s].parsed["evals"][lab]["val_bpb"] - c) for s, c in claims.items() if c is not None]
+            order = max(lf.parsed["evals"][lab]["order"] for lf in f.logs.values())
+            return sum(gaps), -order
+        label = min(shared, key=cost)
+        why = "the line the claims match best over all seeds"
     out = {}
     for seed, log in f.logs.items():
-        claim = f.claims.per_seed.get(seed, {}).get("val_bpb")
-        claim = claim if claim is not None else mean_claim if isinstance(mean_claim, int | float) else None
-        label, why = select_final(log.parsed, declared, claim)
-        if label is not None:
-            ev = log.parsed["evals"][label]
-            out[seed] = (label, ev["val_bpb"], ev["val_loss"], why)
+        lab, w = (label, why) if label is not None else select_final(log.parsed, declared)
+        if lab is not None:
+            ev = log.parsed["evals"][lab]
+            out[seed] = (lab, ev["val_bpb"], ev["val_loss"], w)
     return out
 
 
