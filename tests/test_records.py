@@ -507,7 +507,7 @@ def upstream(tmp_path: Path, monkeypatch) -> Path:
 
 
 def test_submit_commits_on_a_new_branch_without_pushing(rec: Path, upstream: Path, capsys) -> None:
-    assert submit.main([str(rec), "--upstream-repo", str(upstream)]) == 0
+    assert submit.main([str(rec), "--upstream-repo", str(upstream), "--no-run"]) == 0  # the sandbox is tested above
     out = capsys.readouterr().out
     assert "not pushed" in out and "PR title:\nNon-record: Tiny CPU record (val_bpb " in out
     assert "| 1 |" in out and "torchrun --standalone --nproc_per_node=8" in out
