@@ -123,6 +123,8 @@ def _scan_ours(s: Scan, line: str) -> bool:
         s.values["tokenizer_sha256"], s.values["tokenizer_vocab"] = v["sha256"], v["vocab"]
     elif v := L.match_ours("artifact", line):
         s.values["artifact_name"], s.values["artifact_sha256"] = v["name"], v["sha256"]
+    elif v := L.match_ours("val_bytes", line):
+        s.values["val_bytes_source"], s.values["val_bytes_total"] = v["source"], v["total"]
     elif v := L.match_ours("peak_memory", line):
         s.values["peak_mem_allocated_mib"], s.values["peak_mem_reserved_mib"] = v["allocated"], v["reserved"]
     elif v := L.match_ours("gptq_reserve", line):
@@ -328,7 +330,7 @@ def empty_result(sources: dict[str, str], sources_error: str | None, header: lis
             "bytes_model_raw bytes_total artifact_scheme model_params world_size grad_accum_steps train_shards "
             "val_tokens train_batch_tokens layer_loop_step gptq_reserve_s gptq_hessians_s peak_mem_allocated_mib "
             "peak_mem_reserved_mib total_eval_time_s tokenizer_sha256 tokenizer_vocab artifact_name artifact_sha256 "
-            "time_totals").split()
+            "val_bytes_source val_bytes_total time_totals").split()
     r: dict[str, Any] = dict.fromkeys(keys)
     r.update(runtime={}, python_version=versions.get("Python"), torch_version=versions.get("PyTorch"),
              gpus=[m.group(1) for m in map(L.GPU_ROW.match, header) if m], sources=sources,

@@ -48,7 +48,8 @@ def smoke_dataset(work: Path) -> tuple[Path, Path, int]:
         docs_path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
         tokenize_docs.build_dataset(docs_path, 512, 20, work / "pydoc_sp512", work / "pydoc_512_bpe")
         builtin, tok = work / "pydoc_sp512", work / "pydoc_512_bpe.model"
-    for split, pattern, n in (("train", train_gpt.TRAIN_GLOB, SMOKE_TRAIN_TOKENS), ("val", train_gpt.VAL_GLOB, SMOKE_VAL_TOKENS)):
+    for split, pattern, n in (("train", train_gpt.TRAIN_GLOB, SMOKE_TRAIN_TOKENS),
+                              ("val", train_gpt.VAL_GLOB, SMOKE_VAL_TOKENS)):
         tokens = np.concatenate([train_gpt.load_shard(p) for p in sorted(builtin.glob(pattern))])
         write_shard(out / f"fineweb_{split}_000000.bin", tokens[:n])
     return out, tok, spm.SentencePieceProcessor(model_file=str(tok)).vocab_size()
