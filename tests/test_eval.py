@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY_TRAIN
 from torch import Tensor
 
 import train_gpt
@@ -31,9 +32,9 @@ def EV(luts: tuple, batch_windows: int) -> train_gpt.EvalContext:  # noqa: N802
     return train_gpt.EvalContext(luts, batch_windows)
 L, S, C = 32, 8, 64  # window, stride, TTT chunk
 N = 160  # targets: chunks 0..63, 64..127 and a partial 128..159
-TINY = dict(vocab_size=512, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, rope_dims=8, num_loops=1,
-            loop_start=0, loop_end=0, xsa_last_n=2, parallel_residual_start=1, train_seq_len=L, eval_seq_len=L,
-            eval_stride=S, ttt_chunk_tokens=C, ttt_epochs=2, ttt_lr=0.05, compressor="zstd")
+TINY = {**TINY_TRAIN, **dict(num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, loop_start=0, loop_end=0,  # smaller
+                             xsa_last_n=2, parallel_residual_start=1, train_seq_len=L, eval_seq_len=L, eval_stride=S,
+                             ttt_chunk_tokens=C, ttt_epochs=2, ttt_lr=0.05, compressor="zstd")}
 
 
 @pytest.fixture(autouse=True)
@@ -387,7 +388,8 @@ def test_load_config_rejects_bad_summaries(tmp_path: Path) -> None:
     del raw["passthrough_numel"]  # an artifact from before the field existed
     summary.write_text(json.dumps({"config": raw}))
     cfg, source = cl.load_config(None, artifact)
-    assert cfg == Config(**TINY) and source.endswith("(defaults for passthrough_numel)")
+    assert cfg == Config(**{**TINY, "passthrough_numel": Config().passthrough_numel})
+    assert source.endswith("(defaults for passthrough_numel)")
     summary.write_text("{}")
     with pytest.raises(cl.CheckError, match="not a run_summary.json"):
         cl.load_config(summary, artifact)

@@ -11,12 +11,12 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import TINY_MODEL
 
 import train_gpt
 from train_gpt import GPT, Config, Muon, Optimizers, muon_update, train_step, zeropower_via_newtonschulz5
 
-TINY = dict(vocab_size=512, num_layers=4, model_dim=64, num_heads=4, num_kv_heads=2, loop_start=1, loop_end=2,
-            num_loops=1, parallel_residual_start=3, xsa_last_n=4, rope_dims=8, train_seq_len=64, eval_seq_len=64)
+TINY = TINY_MODEL
 
 
 def rand(*shape: int, seed: int = 0) -> torch.Tensor:

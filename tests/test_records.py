@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_TRAIN
 
 import train_gpt
 from tools import build_record, check_record, record_build, submit
@@ -54,14 +55,11 @@ def tiny_runs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     try:
         for seed in SEEDS:
             out = root / f"seed{seed}"
-            cfg = train_gpt.Config(
-                vocab_size=vocab, num_layers=2, model_dim=64, num_heads=2, num_kv_heads=1, rope_dims=8, mlp_mult=2.0,
-                loop_start=0, loop_end=1, num_loops=1, parallel_residual_start=1, xsa_last_n=2, train_seq_len=64,
-                eval_seq_len=64, eval_stride=32, data_path=str(data), tokenizer_path=str(tok), out_dir=str(out),
-                run_id=f"tiny{seed}", seed=seed, iterations=3, max_wallclock_seconds=0, warmup_steps=1,
-                val_loss_every=0, train_log_every=1, train_batch_tokens=512, grad_accum_steps=1,
-                val_batch_tokens=4096, gptq_calibration_batches=2, ttt_chunk_tokens=2048, ttt_epochs=1,
-                passthrough_numel=1024, compressor="zstd")
+            cfg = train_gpt.Config(**{**TINY_TRAIN, **dict(  # the suite's tiny config, smaller still
+                vocab_size=vocab, num_layers=2, num_heads=2, num_kv_heads=1, mlp_mult=2.0, loop_start=0, loop_end=1,
+                parallel_residual_start=1, xsa_last_n=2, iterations=3, train_log_every=1, train_batch_tokens=512,
+                val_batch_tokens=4096, compressor="zstd")}, data_path=str(data), tokenizer_path=str(tok),
+                out_dir=str(out), run_id=f"tiny{seed}", seed=seed)
             train_gpt.run(cfg, rt)
             dirs.append(out)
     finally:

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_MODEL
 
 import train_gpt
 from data.shards import write_shard
@@ -34,8 +35,7 @@ from train_gpt import (
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN_GPT = ROOT / "train_gpt.py"
 GOLDEN = Path(__file__).resolve().parent / "assets" / "golden_losses_cpu.txt"
-TINY = dict(vocab_size=512, num_layers=4, model_dim=64, num_heads=4, num_kv_heads=2, loop_start=1, loop_end=2,
-            num_loops=1, parallel_residual_start=3, xsa_last_n=4, rope_dims=8, train_seq_len=64, eval_seq_len=64)
+TINY = TINY_MODEL
 
 
 # --- budget and import hygiene ---------------------------------------------------------------------------------------
