@@ -1004,7 +1004,8 @@ def setup_runtime(cfg: Config) -> Runtime:
         backend = "nccl"
     else:
         device = torch.device("cpu")
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+        per_rank = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", per_rank))))  # an explicit choice wins
         backend = "gloo"
     if world_size > 1:
         dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
