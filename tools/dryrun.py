@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", type=Path, default=ROOT / "configs" / "cpu_tiny.env", help="env file of the CPU config")
     p.add_argument("--seconds", type=float, help="training wallclock cap (default: MAX_WALLCLOCK_SECONDS of --config)")
-    p.add_argument("--nproc", type=int, default=1, help="torchrun processes (1 or 2 on a 2-core machine)")
+    p.add_argument("--nproc", type=int, default=2, help="torchrun processes, one thread each (default 2: measured the "
+                   "fastest on 2 cores, and the least hurt when one of them is busy; BENCHMARKS.md)")
     p.add_argument("--seed", type=int, default=1337, help="SEED of the run")
     p.add_argument("--out", type=Path, help="run folder (default: runs/dryrun_<time>); the record goes in <out>/record")
     args = p.parse_args(argv)
@@ -63,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     print("== dataset: builtin corpus (gensim test data, Wikipedia + news)", flush=True)
     ensure_builtin_dataset()
     env = {**os.environ, **cfg_env, "OUT_DIR": str(out), "RUN_ID": f"dryrun_seed{args.seed}", "SEED": str(args.seed)}
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP threads sleep instead of spinning on a shared core
     if args.seconds is not None:
         env["MAX_WALLCLOCK_SECONDS"] = str(args.seconds)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}"]
