@@ -7,6 +7,7 @@ zstandard only; no module-level state. `python -m quant inspect ARTIFACT` explai
 from quant.codec import (
     ARTIFACT_CODECS,
     ARTIFACT_VERSION,
+    ARTIFACT_VERSIONS,
     ArtifactError,
     compress_bytes,
     decode_artifact,
@@ -18,6 +19,7 @@ from quant.codec import (
     save_artifact,
 )
 from quant.gptq import (
+    ROLES,
     QTensor,
     accumulate_hessian,
     dequantize,
@@ -25,13 +27,17 @@ from quant.gptq import (
     gptq_quantize_weight,
     quantize_state_dict,
 )
+from quant.lqer import LQERFactors, lqer_correction, lqer_factors
 from quant.pack import byte_shuffle, byte_unshuffle
 from quant.sdclip import quantize_rtn, sdclip_scale
 
 __all__ = [
     "ARTIFACT_CODECS",
     "ARTIFACT_VERSION",
+    "ARTIFACT_VERSIONS",
+    "ROLES",
     "ArtifactError",
+    "LQERFactors",
     "QTensor",
     "accumulate_hessian",
     "byte_shuffle",
@@ -44,6 +50,8 @@ __all__ = [
     "encode_artifact",
     "gptq_quantize_weight",
     "load_artifact",
+    "lqer_correction",
+    "lqer_factors",
     "parse_artifact",
     "quantize_rtn",
     "quantize_state_dict",

@@ -21,11 +21,13 @@ import torch
 import zstandard
 
 from quant.gptq import QTensor
+from quant.lqer import LQER_A_RANGE, LQER_B_RANGE, LQERFactors, lqer_group_count
 from quant.pack import byte_shuffle, byte_unshuffle
 
 __all__ = [
     "ARTIFACT_CODECS",
     "ARTIFACT_VERSION",
+    "ARTIFACT_VERSIONS",
     "ArtifactError",
     "compress_bytes",
     "decode_artifact",
@@ -38,7 +40,8 @@ __all__ = [
 ]
 
 ARTIFACT_MAGIC = b"PGQ"
-ARTIFACT_VERSION = 1
+ARTIFACT_VERSION = 2  # the newest format version written and read; version 1 (no LQER) is still read
+ARTIFACT_VERSIONS = (1, 2)
 ARTIFACT_CODECS = ("brotli", "zstd", "lzma")
 ARTIFACT_MAX_BYTES = 1 << 28  # default cap on the decompressed payload (a record's is ~37 MB)
 _PGQ_MANIFEST_MAX = 1 << 24  # cap on the decompressed manifest (~160 bytes per tensor)
@@ -100,7 +103,10 @@ def decompress_bytes(data: bytes, codec: str, limit: int) -> bytes:
 
 
 def _artifact_layout(entries: list[dict]) -> tuple[int, int, list[dict]]:
-    """Spans [offset, length] of every tensor's codes / scale / data in the payload; returns (codes, total, spans)."""
+    """Spans [offset, length] of every tensor's codes / scale / data in the payload; returns (codes, total, spans).
+
+    Codes region: every quantized tensor's codes in manifest order, then the LQER codes (A then B) of the tensors that
+    have them. Side region: every tensor's fp16 scales or passthrough data in manifest order, then the LQER scales."""
     codes_end, spans = 0, []
     for e in entries:
         numel = 1
@@ -111,17 +117,26 @@ def _artifact_layout(entries: list[dict]) -> tuple[int, int, list[dict]]:
         else:
             spans.append({"codes": [codes_end, numel], "scale": 2 * e["shape"][0]})
             codes_end += numel
+    lqer = [(s, e["shape"], e["lqer"]) for e, s in zip(entries, spans, strict=True) if "lqer" in e]
+    for s, (rows, cols), f in lqer:
+        s["lqer"] = {"rank": f["rank"], "group": f["group"], "a_codes": [codes_end, rows * f["rank"]],
+                     "b_codes": [codes_end + rows * f["rank"], f["rank"] * cols]}
+        codes_end += (rows + cols) * f["rank"]
     side = codes_end
     for s in spans:
         key = "data" if "data" in s else "scale"
         s[key] = [side, s[key]]
         side += s[key][1]
+    for s, (_, cols), f in lqer:
+        groups = lqer_group_count(f["rank"], cols, f["group"])
+        s["lqer"].update(a_scale=[side, 2], b_scale=[side + 2, 2 * groups])
+        side += 2 + 2 * groups
     return codes_end, side, spans
 
 
 def encode_artifact(qtensors: list[QTensor], codec: str = "brotli") -> bytes:
     """Serialize QTensors (in list order) into artifact bytes; the same input gives byte-identical output."""
-    entries, codes, side = [], [], []
+    entries, codes, side, lqer_codes, lqer_side = [], [], [], [], []
     for qt in qtensors:
         if qt.dtype not in _PGQ_DTYPES:
             raise ValueError(f"encode_artifact: {qt.name} has unsupported dtype {qt.dtype}")
@@ -138,18 +153,30 @@ def encode_artifact(qtensors: list[QTensor], codec: str = "brotli") -> bytes:
             e["bits"] = qt.bits
             codes.append(qt.codes.contiguous().numpy().tobytes())
             side.append(qt.scale.contiguous().numpy().tobytes())
+            if qt.lqer is not None:
+                f = qt.lqer
+                rows, cols = qt.shape
+                if (f.a_codes.dtype != torch.int8 or tuple(f.a_codes.shape) != (rows, f.rank)
+                        or f.b_codes.dtype != torch.int8 or tuple(f.b_codes.shape) != (f.rank, cols)
+                        or f.a_scale.dtype != torch.float16 or f.a_scale.numel() != 1 or f.b_scale.dtype != torch.float16
+                        or f.b_scale.numel() != lqer_group_count(f.rank, cols, f.group)):
+                    raise ValueError(f"encode_artifact: {qt.name} has malformed LQER factors")
+                e["lqer"] = {"rank": f.rank, "group": f.group}
+                lqer_codes += [f.a_codes.contiguous().numpy().tobytes(), f.b_codes.contiguous().numpy().tobytes()]
+                lqer_side += [f.a_scale.reshape(1).numpy().tobytes(), f.b_scale.contiguous().numpy().tobytes()]
         entries.append(e)
     codes_bytes, payload_bytes, spans = _artifact_layout(entries)
     for e, s in zip(entries, spans, strict=True):
         e.update(s)
-    compressed = compress_bytes(b"".join(codes) + byte_shuffle(b"".join(side), 2), codec)
+    version = 2 if lqer_codes else 1  # the lowest version that can hold the content, so old loaders read what they can
+    compressed = compress_bytes(b"".join(codes + lqer_codes) + byte_shuffle(b"".join(side + lqer_side), 2), codec)
     manifest = {
         "codec": codec, "packing": "int8", "scale_layout": "row-fp16", "shuffle": 2, "codes_bytes": codes_bytes,
         "payload_bytes": payload_bytes, "compressed_bytes": len(compressed), "compressed_crc32": zlib.crc32(compressed),
         "tensors": entries,
     }
     m = brotli.compress(json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode(), quality=11)
-    return _PGQ_HEADER.pack(ARTIFACT_MAGIC, ARTIFACT_VERSION, len(m), zlib.crc32(m)) + m + compressed
+    return _PGQ_HEADER.pack(ARTIFACT_MAGIC, version, len(m), zlib.crc32(m)) + m + compressed
 
 
 def _ensure(ok: bool, msg: str) -> None:
@@ -161,7 +188,7 @@ def _is_count(x: object, lo: int = 0, hi: int = 1 << 62) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and lo <= x <= hi
 
 
-def _check_manifest_entry(e: object, i: int) -> None:
+def _check_manifest_entry(e: object, i: int, version: int) -> None:
     """Schema of one manifest tensor entry (types and ranges; spans are checked against the layout afterwards)."""
     _ensure(isinstance(e, dict), f"manifest tensor #{i} is not an object")
     name = e.get("name")
@@ -179,6 +206,16 @@ def _check_manifest_entry(e: object, i: int) -> None:
         _ensure(len(shape) == 2 and getattr(torch, dtype).is_floating_point, f"{name}: quantized tensors are 2-D floats")
         _ensure(_is_count(e.get("bits"), 2, 8), f"{name}: bits must be 2..8, got {e.get('bits')!r}")
         keys = {"name", "shape", "dtype", "kind", "bits", "codes", "scale"}
+        if version >= 2 and "lqer" in e:
+            keys.add("lqer")
+            f = e["lqer"]
+            _ensure(isinstance(f, dict), f"{name}: lqer is not an object")
+            _ensure(_is_count(f.get("rank"), 1, min(shape)), f"{name}: lqer rank must be 1..{min(shape)}, "
+                    f"got {f.get('rank')!r}")
+            _ensure(_is_count(f.get("group"), 1, 1 << 20), f"{name}: lqer group must be 1..{1 << 20}, got "
+                    f"{f.get('group')!r}")
+            lkeys = {"rank", "group", "a_codes", "a_scale", "b_codes", "b_scale"}
+            _ensure(set(f) == lkeys, f"{name}: lqer keys {sorted(f)} != {sorted(lkeys)}")
     _ensure(set(e) == keys, f"{name}: manifest keys {sorted(e)} != {sorted(keys)}")
 
 
@@ -187,7 +224,8 @@ def parse_artifact(blob: bytes, max_decompressed_bytes: int = ARTIFACT_MAX_BYTES
     _ensure(len(blob) >= _PGQ_HEADER.size, f"truncated: {len(blob)} bytes, shorter than the {_PGQ_HEADER.size}-byte header")
     magic, version, mlen, mcrc = _PGQ_HEADER.unpack_from(blob)
     _ensure(magic == ARTIFACT_MAGIC, "not a pgolf quant artifact (bad magic)")
-    _ensure(version == ARTIFACT_VERSION, f"artifact format version {version}; this loader reads version {ARTIFACT_VERSION}")
+    _ensure(version in ARTIFACT_VERSIONS, f"artifact format version {version}; this loader reads versions "
+            f"{', '.join(map(str, ARTIFACT_VERSIONS))}")
     _ensure(mlen <= len(blob) - _PGQ_HEADER.size, f"manifest length {mlen:,} exceeds the file ({len(blob):,} bytes)")
     mbytes = blob[_PGQ_HEADER.size:_PGQ_HEADER.size + mlen]
     _ensure(zlib.crc32(mbytes) == mcrc, "manifest checksum mismatch (corrupt file)")
@@ -210,7 +248,7 @@ def parse_artifact(blob: bytes, max_decompressed_bytes: int = ARTIFACT_MAX_BYTES
     _ensure(zlib.crc32(payload) == m["compressed_crc32"], "payload checksum mismatch (corrupt file)")
     _ensure(isinstance(m["tensors"], list), "manifest 'tensors' is not a list")
     for i, e in enumerate(m["tensors"]):
-        _check_manifest_entry(e, i)
+        _check_manifest_entry(e, i, version)
     names = [e["name"] for e in m["tensors"]]
     _ensure(len(set(names)) == len(names), "duplicate tensor names in the manifest")
     codes_bytes, payload_bytes, spans = _artifact_layout(m["tensors"])
@@ -243,7 +281,17 @@ def parse_artifact(blob: bytes, max_decompressed_bytes: int = ARTIFACT_MAX_BYTES
             lo, hi = torch.aminmax(codes)
             _ensure(-clip_range <= lo and hi <= clip_range, f"{e['name']}: codes exceed ±{clip_range} for int{e['bits']}")
         scale = tensor(s["scale"], torch.float16, [shape[0]])
-        out.append(QTensor(e["name"], shape, e["dtype"], e["kind"], e["bits"], codes, scale))
+        lqer = None
+        if "lqer" in e:
+            sl, r = s["lqer"], e["lqer"]["rank"]
+            a = tensor(sl["a_codes"], torch.int8, [shape[0], r])
+            b = tensor(sl["b_codes"], torch.int8, [r, shape[1]])
+            for what, c, (lo, hi) in (("A", a, LQER_A_RANGE), ("B", b, LQER_B_RANGE)):
+                cl, ch = torch.aminmax(c)
+                _ensure(lo <= cl and ch <= hi, f"{e['name']}: LQER {what} codes exceed [{lo}, {hi}]")
+            lqer = LQERFactors(a, tensor(sl["a_scale"], torch.float16, [1]), b,
+                               tensor(sl["b_scale"], torch.float16, [sl["b_scale"][1] // 2]), e["lqer"]["group"])
+        out.append(QTensor(e["name"], shape, e["dtype"], e["kind"], e["bits"], codes, scale, lqer=lqer))
     return m, out
 
 

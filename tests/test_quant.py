@@ -285,8 +285,9 @@ def test_rejects_bit_flips(good_blob: bytes) -> None:
 
 
 def test_rejects_wrong_version_and_magic(good_blob: bytes) -> None:
-    msg = rejects(good_blob[:3] + b"\x02" + good_blob[4:])
-    assert msg == "artifact format version 2; this loader reads version 1"
+    for v in (0, 3, 255):
+        msg = rejects(good_blob[:3] + bytes([v]) + good_blob[4:])
+        assert msg == f"artifact format version {v}; this loader reads versions 1, 2"
     rejects(b"PK\x03" + good_blob[3:], "bad magic")
 
 
