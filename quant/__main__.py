@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from quant.codec import ArtifactError, compress_bytes, parse_artifact, read_artifact_file
+from quant.codec import ArtifactError, compress_bytes, compress_payload, parse_artifact, read_artifact_file
 from quant.gptq import QTensor
 from quant.pack import byte_shuffle
 
@@ -40,6 +40,20 @@ def tensor_bytes(qt: QTensor) -> bytes:
     return qt.codes.numpy().tobytes() + byte_shuffle(qt.scale.numpy().tobytes(), 2) + lqer_bytes(qt)
 
 
+def alone_bytes(qt: QTensor, codec: str) -> int:
+    """A tensor's payload compressed alone as the artifact's codec would (rans: its codes and factors one segment each,
+    its side data with brotli-11)."""
+    if codec != "rans" or qt.kind == "passthrough":
+        return len(compress_bytes(tensor_bytes(qt), "brotli" if codec == "rans" else codec))
+    codes, segments, side = [qt.codes.numpy().tobytes()], [qt.codes.numel()], [qt.scale.numpy().tobytes()]
+    if qt.lqer is not None:
+        f = qt.lqer
+        codes += [f.a_codes.numpy().tobytes(), f.b_codes.numpy().tobytes()]
+        segments += [f.a_codes.numel(), f.b_codes.numel()]
+        side += [f.a_scale.numpy().tobytes(), f.b_scale.numpy().tobytes()]
+    return len(compress_payload(b"".join(codes), segments, byte_shuffle(b"".join(side), 2), "rans")[0])
+
+
 def inspect(path: str) -> None:
     blob = read_artifact_file(path)
     m, qts = parse_artifact(blob)
@@ -51,7 +65,12 @@ def inspect(path: str) -> None:
     print(f"share: each tensor's bytes compressed alone with {m['codec']} (artifact settings), scaled so the shares sum "
           f"to the compressed payload; H0: order-0 entropy of the codes (passthrough: of the stored values), "
           f"bound = H0 of codes + H0 of the fp16 scales (16-bit symbols)", flush=True)
-    alone = [len(compress_bytes(tensor_bytes(qt), m["codec"])) for qt in qts]
+    if m["codec"] == "rans":
+        r = m["rans"]
+        print(f"rans: codes in order-0 rANS with one frequency table per tensor and per LQER factor, {r['lanes']} lanes, "
+              f"{r['words_bytes']:,} bytes of words; tables ({r['tables_bytes']:,} bytes), lane states, scales and "
+              f"passthrough data in brotli-11")
+    alone = [alone_bytes(qt, m["codec"]) for qt in qts]
     k = compressed / max(1, sum(alone))
     rows, tot_raw, tot_bound = [], 0, 0.0
     for qt, a in zip(qts, alone, strict=True):

@@ -17,12 +17,14 @@ import tempfile
 import zlib
 
 import brotli
+import numpy as np
 import torch
 import zstandard
 
 from quant.gptq import QTensor
 from quant.lqer import LQER_A_RANGE, LQER_B_RANGE, LQERFactors, lqer_group_count
 from quant.pack import byte_shuffle, byte_unshuffle
+from quant.rans import RANS_MAX_LANES, rans_decode, rans_encode, rans_lanes
 
 __all__ = [
     "ARTIFACT_CODECS",
@@ -30,6 +32,7 @@ __all__ = [
     "ARTIFACT_VERSIONS",
     "ArtifactError",
     "compress_bytes",
+    "compress_payload",
     "decode_artifact",
     "decompress_bytes",
     "encode_artifact",
@@ -42,10 +45,12 @@ __all__ = [
 ARTIFACT_MAGIC = b"PGQ"
 ARTIFACT_VERSION = 2  # the newest format version written and read; version 1 (no LQER) is still read
 ARTIFACT_VERSIONS = (1, 2)
-ARTIFACT_CODECS = ("brotli", "zstd", "lzma")
+ARTIFACT_CODECS = ("brotli", "zstd", "lzma", "rans")  # rans: format version 2 only
 ARTIFACT_MAX_BYTES = 1 << 28  # default cap on the decompressed payload (a record's is ~37 MB)
 _PGQ_MANIFEST_MAX = 1 << 24  # cap on the decompressed manifest (~160 bytes per tensor)
 _PGQ_HEADER = struct.Struct("<3sBII")  # magic, version, manifest length, manifest crc32
+_RANS_MAX_SEGMENTS = 2048  # the decoder's slot tables take 32 KiB per code segment (a record has ~80)
+_RANS_BYTES = struct.Struct("<IIII")  # compress_bytes(..., "rans") framing: symbols, lanes, tables bytes, words bytes
 _PGQ_DTYPES = ("float32", "float16", "bfloat16", "float64", "int8", "uint8", "int16", "int32", "int64", "bool")
 
 
@@ -59,7 +64,12 @@ def _pgq_store_dtype(dtype: str) -> str:
 
 
 def compress_bytes(data: bytes, codec: str) -> bytes:
-    """Compress with brotli quality 11, zstd level 22 or lzma preset 9e (all deterministic)."""
+    """Compress with brotli quality 11, zstd level 22, lzma preset 9e or order-0 rANS over the bytes as one segment
+    (all deterministic). In an artifact, "rans" codes each tensor's codes with its own table instead."""
+    if codec == "rans":
+        lanes = rans_lanes(len(data))
+        tables, states, words = rans_encode(np.frombuffer(data, dtype=np.int8), [len(data)], lanes)
+        return _RANS_BYTES.pack(len(data), lanes, len(tables), len(words)) + tables + states + words
     if codec == "brotli":
         return brotli.compress(data, quality=11)
     if codec == "zstd":
@@ -72,7 +82,14 @@ def compress_bytes(data: bytes, codec: str) -> bytes:
 def decompress_bytes(data: bytes, codec: str, limit: int) -> bytes:
     """Decompress at most `limit` bytes: output is produced in bounded steps, so a bomb stops at the cap."""
     try:
-        if codec == "brotli":
+        if codec == "rans":
+            _ensure(len(data) >= _RANS_BYTES.size, "rans stream is truncated")
+            n, lanes, nt, nw = _RANS_BYTES.unpack_from(data)
+            _ensure(n <= limit, f"{codec} stream decompresses to more than the {limit:,} bytes allowed")
+            _ensure(_RANS_BYTES.size + nt + 4 * lanes + nw == len(data), "rans stream lengths disagree with its size")
+            body = data[_RANS_BYTES.size:]
+            out = rans_decode(body[:nt], body[nt:nt + 4 * lanes], body[nt + 4 * lanes:], [n], lanes).tobytes()
+        elif codec == "brotli":
             d, parts, total = brotli.Decompressor(), [], 0
             chunk = d.process(data, output_buffer_limit=limit + 1)
             while True:
@@ -97,6 +114,10 @@ def decompress_bytes(data: bytes, codec: str, limit: int) -> bytes:
             raise ArtifactError(f"unknown codec {codec!r}")
     except (brotli.error, zstandard.ZstdError, lzma.LZMAError, MemoryError) as e:
         raise ArtifactError(f"{codec} stream does not decompress: {e}") from None
+    except ValueError as e:  # rans: every inconsistency of the stream
+        if isinstance(e, ArtifactError):
+            raise
+        raise ArtifactError(f"{codec} stream does not decode: {e}") from None
     if len(out) > limit:
         raise ArtifactError(f"{codec} stream decompresses to more than the {limit:,} bytes allowed")
     return out
@@ -134,6 +155,29 @@ def _artifact_layout(entries: list[dict]) -> tuple[int, int, list[dict]]:
     return codes_end, side, spans
 
 
+def _code_segments(spans: list[dict]) -> list[int]:
+    """Lengths of the codes region's segments in payload order: every quantized tensor's codes, then every LQER A and
+    B (the order `_artifact_layout` lays them out); "rans" gives each segment its own frequency table."""
+    main = [s["codes"][1] for s in spans if "codes" in s]
+    return main + [n for s in spans if "lqer" in s for n in (s["lqer"]["a_codes"][1], s["lqer"]["b_codes"][1])]
+
+
+def compress_payload(codes: bytes, segments: list[int], side: bytes, codec: str) -> tuple[bytes, dict]:
+    """The compressed payload of an artifact and its extra manifest fields, from the codes region (int8 codes; the
+    lengths of its segments), and the side region as stored (already byte-shuffled).
+
+    brotli / zstd / lzma compress codes + side as one stream. "rans" codes every segment of the codes region with its
+    own order-0 table (quant/rans.py) and compresses the tables, the lane states and the side region with brotli-11."""
+    if codec != "rans":
+        return compress_bytes(codes + side, codec), {}
+    if len(segments) > _RANS_MAX_SEGMENTS:
+        raise ValueError(f"compress_payload: rans takes at most {_RANS_MAX_SEGMENTS} code segments, got {len(segments)}")
+    lanes = rans_lanes(len(codes))
+    tables, states, words = rans_encode(np.frombuffer(codes, dtype=np.int8), segments, lanes)
+    extra = {"rans": {"lanes": lanes, "tables_bytes": len(tables), "words_bytes": len(words)}}
+    return words + compress_bytes(tables + states + side, "brotli"), extra
+
+
 def encode_artifact(qtensors: list[QTensor], codec: str = "brotli") -> bytes:
     """Serialize QTensors (in list order) into artifact bytes; the same input gives byte-identical output."""
     entries, codes, side, lqer_codes, lqer_side = [], [], [], [], []
@@ -168,12 +212,14 @@ def encode_artifact(qtensors: list[QTensor], codec: str = "brotli") -> bytes:
     codes_bytes, payload_bytes, spans = _artifact_layout(entries)
     for e, s in zip(entries, spans, strict=True):
         e.update(s)
-    version = 2 if lqer_codes else 1  # the lowest version that can hold the content, so old loaders read what they can
-    compressed = compress_bytes(b"".join(codes + lqer_codes) + byte_shuffle(b"".join(side + lqer_side), 2), codec)
+    # the lowest version that can hold the content, so older loaders read what they can
+    version = 2 if lqer_codes or codec == "rans" else 1
+    compressed, extra = compress_payload(b"".join(codes + lqer_codes), _code_segments(spans),
+                                         byte_shuffle(b"".join(side + lqer_side), 2), codec)
     manifest = {
         "codec": codec, "packing": "int8", "scale_layout": "row-fp16", "shuffle": 2, "codes_bytes": codes_bytes,
         "payload_bytes": payload_bytes, "compressed_bytes": len(compressed), "compressed_crc32": zlib.crc32(compressed),
-        "tensors": entries,
+        "tensors": entries, **extra,
     }
     m = brotli.compress(json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode(), quality=11)
     return _PGQ_HEADER.pack(ARTIFACT_MAGIC, version, len(m), zlib.crc32(m)) + m + compressed
@@ -219,6 +265,27 @@ def _check_manifest_entry(e: object, i: int, version: int) -> None:
     _ensure(set(e) == keys, f"{name}: manifest keys {sorted(e)} != {sorted(keys)}")
 
 
+def _rans_payload(m: dict, payload: bytes, spans: list[dict], codes_bytes: int, payload_bytes: int) -> bytes:
+    """The decompressed payload of a "rans" artifact: rANS words, then brotli(tables + lane states + side region)."""
+    r = m["rans"]
+    _ensure(isinstance(r, dict) and set(r) == {"lanes", "tables_bytes", "words_bytes"},
+            f"rans parameters {r!r} must be an object with lanes, tables_bytes and words_bytes")
+    segments = _code_segments(spans)
+    _ensure(len(segments) <= _RANS_MAX_SEGMENTS, f"rans takes at most {_RANS_MAX_SEGMENTS} code segments")
+    lanes, tb, wb = r["lanes"], r["tables_bytes"], r["words_bytes"]
+    _ensure(_is_count(lanes, 1, RANS_MAX_LANES), f"rans lanes must be 1..{RANS_MAX_LANES}, got {lanes!r}")
+    _ensure(_is_count(tb, 0, 2 * 258 * len(segments)) and tb % 2 == 0, f"bad rans tables size {tb!r}")
+    _ensure(_is_count(wb, 0, len(payload)) and wb % 2 == 0, f"bad rans words size {wb!r}")
+    tail_len = tb + 4 * lanes + payload_bytes - codes_bytes
+    tail = decompress_bytes(payload[wb:], "brotli", tail_len)
+    _ensure(len(tail) == tail_len, f"rans side stream decompresses to {len(tail):,} bytes, expected {tail_len:,}")
+    try:
+        codes = rans_decode(tail[:tb], tail[tb:tb + 4 * lanes], payload[:wb], segments, lanes)
+    except ValueError as e:
+        raise ArtifactError(f"rans codes do not decode: {e}") from None
+    return codes.tobytes() + tail[tb + 4 * lanes:]
+
+
 def parse_artifact(blob: bytes, max_decompressed_bytes: int = ARTIFACT_MAX_BYTES) -> tuple[dict, list[QTensor]]:
     """Validate and decode artifact bytes into (manifest, QTensors); every fault raises ArtifactError."""
     _ensure(len(blob) >= _PGQ_HEADER.size, f"truncated: {len(blob)} bytes, shorter than the {_PGQ_HEADER.size}-byte header")
@@ -237,8 +304,11 @@ def parse_artifact(blob: bytes, max_decompressed_bytes: int = ARTIFACT_MAX_BYTES
     _ensure(isinstance(m, dict), "manifest is not a JSON object")
     keys = {"codec", "packing", "scale_layout", "shuffle", "codes_bytes", "payload_bytes", "compressed_bytes",
             "compressed_crc32", "tensors"}
+    codecs = ARTIFACT_CODECS if version >= 2 else ("brotli", "zstd", "lzma")
+    _ensure(m.get("codec") in codecs, f"unknown codec {m.get('codec')!r} for format version {version}")
+    if m["codec"] == "rans":
+        keys.add("rans")
     _ensure(set(m) == keys, f"manifest keys {sorted(m)} != {sorted(keys)}")
-    _ensure(m["codec"] in ARTIFACT_CODECS, f"unknown codec {m['codec']!r}")
     _ensure(m["packing"] == "int8", f"unknown packing {m['packing']!r}")
     _ensure(m["scale_layout"] == "row-fp16", f"unknown scale layout {m['scale_layout']!r}")
     _ensure(_is_count(m["shuffle"], 1, 16), f"bad shuffle stride {m['shuffle']!r}")
@@ -259,7 +329,10 @@ def parse_artifact(blob: bytes, max_decompressed_bytes: int = ARTIFACT_MAX_BYTES
         _ensure(all(e[k] == v for k, v in s.items()), f"{e['name']}: offsets/lengths disagree with its shape and dtype")
     _ensure(payload_bytes <= max_decompressed_bytes,
             f"payload of {payload_bytes:,} bytes exceeds the cap of {max_decompressed_bytes:,} bytes")
-    raw = decompress_bytes(payload, m["codec"], payload_bytes)
+    if m["codec"] == "rans":
+        raw = _rans_payload(m, payload, spans, codes_bytes, payload_bytes)
+    else:
+        raw = decompress_bytes(payload, m["codec"], payload_bytes)
     _ensure(len(raw) == payload_bytes, f"payload decompresses to {len(raw):,} bytes, manifest says {payload_bytes:,}")
     raw = raw[:codes_bytes] + byte_unshuffle(raw[codes_bytes:], m["shuffle"])
 

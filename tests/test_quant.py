@@ -305,7 +305,7 @@ def test_rejects_oversized_lengths(good_blob: bytes) -> None:
     assert decode_artifact(craft(m, payload))  # the crafting itself is sound
 
 
-@pytest.mark.parametrize("codec", ARTIFACT_CODECS)
+@pytest.mark.parametrize("codec", ["brotli", "zstd", "lzma"])  # rans: tests/test_quant_rans.py
 def test_rejects_decompression_bomb_without_allocating(codec: str) -> None:
     compress = {"brotli": lambda d: brotli.compress(d, quality=1),
                 "zstd": lambda d: zstandard.ZstdCompressor(level=1).compress(d),
