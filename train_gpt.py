@@ -10,6 +10,7 @@ doc = BOS + tokens; window = an eval context; chunk = a TTT unit of val tokens. 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import difflib
@@ -22,7 +23,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -44,11 +45,6 @@ from quant import (
 
 # <<< inline quant
 
-try:  # FlashAttention-3 on Hopper (requirements-gpu.txt); SDPA everywhere else
-    from flash_attn_interface import flash_attn_func as _fa3_func
-except ImportError:
-    _fa3_func = None
-
 ARTIFACT_LIMIT_BYTES = 16_000_000  # decimal, code + compressed model
 TIME_LIMIT_SECONDS = 600.0  # training, and separately evaluation, on 8xH100 SXM
 # The log contract (docs/log_format.md): every line the tools read is written from one of these formats, and
@@ -58,6 +54,7 @@ LOG_FORMATS = dict(
     train_shards="train_shards: {n}",
     val_tokens="val_tokens: {n}",
     tokenizer="tokenizer: sha256:{sha256} vocab:{vocab}",
+    val_bytes="val_bytes: source:{source} total:{total}",
     model_params="model_params:{n}",
     runtime="world_size:{world_size} grad_accum_steps:{accum} device:{device} cpus:{cpus} attention:{attention} "
             "compile:{compile} precision:{precision}",
@@ -151,6 +148,8 @@ class Config:
     val_loss_every: int = 4000  # 0 = only the final validation
     val_batch_tokens: int = 524_288
     compile: str = "auto"  # auto = torch.compile on CUDA, eager on CPU; "1" / "0" force it
+    precision: str = "auto"  # auto = bf16 on CUDA (record P's dtype policy), fp32 on CPU; bf16 runs on CPU too
+    attention: str = "auto"  # auto = FlashAttention-3 on CUDA when usable, else SDPA; fa3 = FA3 or an error; sdpa
     # evaluation
     eval_seq_len: int = 2048
     eval_stride: int = 64
@@ -185,6 +184,8 @@ class Config:
         need(self.ttt_chunk_tokens % self.eval_stride == 0 and self.ttt_chunk_tokens % self.eval_seq_len == 0,
              "TTT_CHUNK_TOKENS must be a multiple of EVAL_SEQ_LEN (and so of EVAL_STRIDE)")
         need(self.compile in ("auto", "0", "1"), f"COMPILE={self.compile!r}: use auto, 0 or 1")
+        need(self.precision in ("auto", "fp32", "bf16"), f"PRECISION={self.precision!r}: use auto, fp32 or bf16")
+        need(self.attention in ("auto", "fa3", "sdpa"), f"ATTENTION={self.attention!r}: use auto, fa3 or sdpa")
         need(self.compressor in ("brotli", "zstd", "lzma"), f"COMPRESSOR={self.compressor!r}: use brotli, zstd or lzma")
         need(0 < self.vocab_size <= 65536, "VOCAB_SIZE must be in 1..65536 (uint16 shards)")
 
@@ -268,21 +269,18 @@ class Logger:
             f.write(msg + "\n")
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 
 # -----------------------------------------------------------------------------
 # DATA: token shards, val tokens, byte accounting
 #
 # Shard = 256 little-endian int32 header (magic, version, token count) + uint16 tokens. Every doc is [BOS]+tokens,
-# no EOS. This is the one implementation of the format: data/ scripts and tools/ import it from here.
+# no EOS. This is the one reader of the format (data/shards.py writes it); data/ and tools/ import it from here.
 # -----------------------------------------------------------------------------
 
 SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_INTS = 20240520, 1, 256
+# A dataset dir: train and val token shards, and for a transformed tokenizer (CaseOps) a byte sidecar per val shard
+# (uint16 per val token: the original UTF-8 bytes that token stands for). "fineweb_val_*" would match the sidecars.
+TRAIN_GLOB, VAL_GLOB, VAL_BYTES_GLOB = "fineweb_train_*.bin", "fineweb_val_[0-9]*.bin", "fineweb_val_bytes_*.bin"
 SHARD_HEADER_BYTES = SHARD_HEADER_INTS * 4
 BOS_ID = 1
 
@@ -323,21 +321,6 @@ def load_shard(path: str | Path, vocab_size: int | None = None, mmap: bool = Fal
     return tokens
 
 
-def write_shard(path: str | Path, tokens: np.ndarray) -> None:
-    """Write tokens as a shard, atomically (temp file, then rename)."""
-    tokens = np.asarray(tokens)
-    if tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) >= 2**16):
-        raise ValueError(f"{path}: token ids must fit in uint16")
-    header = np.zeros(SHARD_HEADER_INTS, dtype="<i4")
-    header[:3] = (SHARD_MAGIC, SHARD_VERSION, tokens.size)
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(header.tobytes())
-        f.write(tokens.astype("<u2").tobytes())
-    os.replace(tmp, path)
-
-
 def shard_files(pattern: str) -> list[str]:
     """Sorted shard paths matching a glob; an error naming the pattern and the download command if none."""
     files = sorted(glob.glob(pattern))
@@ -355,6 +338,17 @@ def load_val_tokens(pattern: str, seq_len: int, vocab_size: int | None = None) -
     if usable <= 0:
         raise ValueError(f"val split {pattern} has {tokens.size} tokens, fewer than one sequence of {seq_len}+1")
     return torch.from_numpy(tokens[: usable + 1].astype(np.int64))
+
+
+def load_val_bytes(dataset_dir: Path, num_tokens: int) -> Tensor | None:
+    """The val byte sidecar, if the dataset has one: shard i pairs with val shard i token for token, and it is cut
+    like the val tokens (num_tokens = the truncated length). None for a plain dataset (bytes come from the LUTs)."""
+    sidecars, shards = sorted(glob.glob(str(dataset_dir / VAL_BYTES_GLOB))), shard_files(str(dataset_dir / VAL_GLOB))
+    if not sidecars:
+        return None
+    if len(sidecars) != len(shards) or any(read_shard_header(a) != read_shard_header(b) for a, b in zip(sidecars, shards)):
+        raise ShardError(f"{dataset_dir}: the byte sidecars do not pair with the val shards token for token")
+    return torch.from_numpy(np.concatenate([load_shard(f) for f in sidecars])[:num_tokens].astype(np.int64))
 
 
 def build_byte_luts(sp, vocab_size: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -446,7 +440,9 @@ class ShuffledSequenceLoader:
 
 
 def rms_norm(x: Tensor) -> Tensor:
-    return F.rms_norm(x, (x.size(-1),))
+    """Parameter-free RMSNorm that returns x's dtype: CUDA autocast (torch >= 2.12) runs rms_norm in fp32, which would
+    silently turn a bf16 residual stream and q/k into fp32 (and FlashAttention-3 rejects mixed q/k/v dtypes)."""
+    return F.rms_norm(x, (x.size(-1),)).to(x.dtype)
 
 
 def layer_schedule(num_layers: int, loop_start: int, loop_end: int, num_loops: int,
@@ -461,10 +457,12 @@ def layer_schedule(num_layers: int, loop_start: int, loop_end: int, num_loops: i
     return seq[:half], seq[half:]
 
 
-def rope_tables(seq_len: int, rope_dims: int, base: float) -> tuple[Tensor, Tensor]:
-    """cos/sin [seq_len, rope_dims/2] with inv_freq_j = base^(-2j/rope_dims)."""
-    inv_freq = 1.0 / base ** (torch.arange(0, rope_dims, 2, dtype=torch.float32) / rope_dims)
-    freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
+def rope_tables(seq_len: int, rope_dims: int, base: float, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
+    """cos/sin [seq_len, rope_dims/2] in fp32 with inv_freq_j = base^(-2j/rope_dims). Computed per forward (a few
+    thousand values) rather than held in buffers: a model without buffers needs no DDP buffer-sync keyword, whose
+    name differs between torch versions (broadcast_buffers / forward_sync_buffers)."""
+    inv_freq = 1.0 / base ** (torch.arange(0, rope_dims, 2, dtype=torch.float32, device=device) / rope_dims)
+    freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
     return freqs.cos(), freqs.sin()
 
 
@@ -484,10 +482,12 @@ def xsa(y: Tensor, v: Tensor) -> Tensor:
     return y - (y * v_hat).sum(-1, keepdim=True) * v_hat
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """Causal GQA attention on (B, T, H, D) / (B, T, Hkv, D): FA3 on CUDA when importable, else SDPA."""
-    if _fa3_func is not None and q.is_cuda:
-        out = _fa3_func(q, k, v, causal=True)
+def attention(q: Tensor, k: Tensor, v: Tensor, fa3: Callable | None = None) -> Tensor:
+    """Causal GQA attention on (B, T, H, D) / (B, T, Hkv, D): FlashAttention-3's flash_attn_func when given, else SDPA.
+    FA3 takes q, k, v in one 16-bit dtype: v's when it is 16-bit (bf16 under autocast), else bf16."""
+    if fa3 is not None:
+        dt = v.dtype if v.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+        out = fa3(q.to(dt), k.to(dt), v.to(dt), causal=True)
         return out[0] if isinstance(out, tuple) else out  # some FA3 builds return (out, softmax_lse)
     y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
                                        enable_gqa=True)
@@ -495,10 +495,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, qk_gain_init: float, use_xsa: bool):
+    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, qk_gain_init: float, use_xsa: bool,
+                 fa3: Callable | None = None):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, dim // num_heads
-        self.use_xsa = use_xsa
+        self.use_xsa, self.fa3 = use_xsa, fa3
         self.c_q = nn.Linear(dim, dim, bias=False)
         self.c_k = nn.Linear(dim, num_kv_heads * self.head_dim, bias=False)
         self.c_v = nn.Linear(dim, num_kv_heads * self.head_dim, bias=False)
@@ -512,7 +513,7 @@ class CausalSelfAttention(nn.Module):
         v = self.c_v(x).view(B, T, self.num_kv_heads, self.head_dim)
         q = apply_partial_rope(rms_norm(q), cos, sin) * self.q_gain.to(q.dtype)[None, None, :, None]
         k = apply_partial_rope(rms_norm(k), cos, sin)
-        y = attention(q, k, v)  # (B, T, H, D)
+        y = attention(q, k, v, self.fa3)  # (B, T, H, D)
         if self.use_xsa:  # XSA: PR #1019 lineage
             y = xsa(y, v)
         return self.proj(y.reshape(B, T, -1))
@@ -530,11 +531,11 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: Config, layer_idx: int):
+    def __init__(self, cfg: Config, layer_idx: int, fa3: Callable | None = None):
         super().__init__()
         dim = cfg.model_dim
         self.attn = CausalSelfAttention(dim, cfg.num_heads, cfg.num_kv_heads, cfg.qk_gain_init,
-                                        use_xsa=layer_idx >= cfg.num_layers - cfg.xsa_last_n)
+                                        use_xsa=layer_idx >= cfg.num_layers - cfg.xsa_last_n, fa3=fa3)
         self.mlp = MLP(dim, int(cfg.mlp_mult * dim), cfg.mlp_leaky_slope)
         self.attn_scale = nn.Parameter(torch.ones(dim))
         self.mlp_scale = nn.Parameter(torch.ones(dim))
@@ -553,18 +554,17 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, cfg: Config):
+    """fa3: FlashAttention-3's flash_attn_func for every attention call (see resolve_attention), None for SDPA."""
+
+    def __init__(self, cfg: Config, fa3: Callable | None = None):
         super().__init__()
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.model_dim)  # tied with the output head
-        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.blocks = nn.ModuleList(Block(cfg, i, fa3) for i in range(cfg.num_layers))
         enc, dec = layer_schedule(cfg.num_layers, cfg.loop_start, cfg.loop_end, cfg.num_loops, looping=True)
         self.num_skips = min(len(enc), len(dec))  # sized for the looped lists, also used unlooped
         self.skip_weights = nn.Parameter(torch.ones(self.num_skips, cfg.model_dim))
         self.skip_gates = nn.Parameter(torch.zeros(self.num_skips, cfg.model_dim)) if cfg.skip_gates_enabled else None
-        cos, sin = rope_tables(max(cfg.train_seq_len, cfg.eval_seq_len), cfg.rope_dims, cfg.rope_base)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
         self.looping = False  # depth recurrence switches on during training (Config.enable_looping_at)
         self._init_weights()
 
@@ -581,7 +581,7 @@ class GPT(nn.Module):
         """Final normed hidden states (B, T, D): the input of the tied output head."""
         cfg = self.cfg
         enc, dec = layer_schedule(cfg.num_layers, cfg.loop_start, cfg.loop_end, cfg.num_loops, self.looping)
-        cos, sin = self.rope_cos, self.rope_sin
+        cos, sin = rope_tables(ids.size(1), cfg.rope_dims, cfg.rope_base, ids.device)
         x = rms_norm(self.tok_emb(ids))
         x0, skips = x, []
         for i in enc:
@@ -605,6 +605,13 @@ class GPT(nn.Module):
     def forward(self, ids: Tensor, targets: Tensor) -> Tensor:
         logits = self.forward_logits(ids)
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
+def apply_precision(model: GPT, precision: str) -> GPT:
+    """Record P's dtype policy for "bf16": the tied embedding is stored in bf16, so the residual stream is bf16; block
+    matrices and control tensors stay fp32 masters; matmuls run under bf16 autocast (Runtime.amp). "fp32": all fp32."""
+    model.tok_emb.to(torch.bfloat16 if precision == "bf16" else torch.float32)
+    return model
 
 
 def param_roles(model: GPT) -> dict[str, str]:
@@ -641,14 +648,14 @@ def zeropower_via_newtonschulz5(G: Tensor, steps: int, dtype: torch.dtype = torc
 
 
 def muon_update(grad: Tensor, buf: Tensor, momentum: float, ns_steps: int, row_normalize: bool,
-                dtype: torch.dtype = torch.float32) -> Tensor:
+                dtype: torch.dtype = torch.float32, ns: Callable = zeropower_via_newtonschulz5) -> Tensor:
     """One Muon direction: Nesterov momentum (updates buf in place), MuonEq-R row normalization (PR #1394),
-    Newton-Schulz, and the sqrt(max(1, rows/cols)) shape scale."""
+    Newton-Schulz (`ns`, the compiled function on GPU), and the sqrt(max(1, rows/cols)) shape scale."""
     buf.mul_(momentum).add_(grad)
     u = grad.add(buf, alpha=momentum)
     if row_normalize:
         u = u / u.float().norm(dim=1, keepdim=True).clamp_min(1e-7).to(u.dtype)
-    u = zeropower_via_newtonschulz5(u, ns_steps, dtype)
+    u = ns(u, ns_steps, dtype)
     return u * max(1.0, grad.size(0) / grad.size(1)) ** 0.5
 
 
@@ -656,24 +663,30 @@ class Muon(torch.optim.Optimizer):
     """Muon over 2-D matrices. Matrix i is orthogonalized by rank i % world_size into a flat buffer (zeros
     elsewhere); one all-reduce SUM hands every rank every update; each rank applies decoupled weight decay and
     the update to all matrices. Momentum buffers live in self.state on the owning rank, so loading a saved
-    optimizer state restores (or clears) them too."""
+    optimizer state restores (or clears) them too. The exchange buffers are allocated once, not per step."""
 
     def __init__(self, params: list[Tensor], lr: float, momentum: float, ns_steps: int, weight_decay: float,
-                 row_normalize: bool, rank: int = 0, world_size: int = 1, dtype: torch.dtype = torch.float32):
+                 row_normalize: bool, rank: int = 0, world_size: int = 1, dtype: torch.dtype = torch.float32,
+                 ns: Callable = zeropower_via_newtonschulz5):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
-        self.ns_steps, self.row_normalize, self.dtype = ns_steps, row_normalize, dtype
+        self.ns_steps, self.row_normalize, self.dtype, self.ns = ns_steps, row_normalize, dtype, ns
         self.rank, self.world_size = rank, world_size
+        self.flat = [torch.zeros(sum(p.numel() for p in g["params"]), dtype=dtype, device=g["params"][0].device)
+                     for g in self.param_groups]
 
     @torch.no_grad()
     def step(self) -> None:
-        for group in self.param_groups:
+        for group, flat in zip(self.param_groups, self.flat):
             params = group["params"]
-            flat = torch.zeros(sum(p.numel() for p in params), dtype=self.dtype, device=params[0].device)
+            flat.zero_()
             offset = 0
             for i, p in enumerate(params):
                 if i % self.world_size == self.rank and p.grad is not None:
-                    buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
-                    u = muon_update(p.grad, buf, group["momentum"], self.ns_steps, self.row_normalize, self.dtype)
+                    state = self.state[p]
+                    if "momentum_buffer" not in state:
+                        state["momentum_buffer"] = torch.zeros_like(p.grad)
+                    u = muon_update(p.grad, state["momentum_buffer"], group["momentum"], self.ns_steps,
+                                    self.row_normalize, self.dtype, self.ns)
                     flat[offset : offset + p.numel()] = u.flatten()
                 offset += p.numel()
             all_reduce_(flat)
@@ -685,18 +698,20 @@ class Muon(torch.optim.Optimizer):
 
 
 class Optimizers:
-    """The three optimizers of the record with their base learning rates; one schedule drives all of them."""
+    """The three optimizers of the record with their base learning rates; one schedule drives all of them.
+    AdamW is the fused kernel (record P) on CUDA and CPU; `ns` is the Newton-Schulz function Muon calls."""
 
-    def __init__(self, model: GPT, cfg: Config, rank: int = 0, world_size: int = 1, ns_dtype: torch.dtype = torch.float32):
+    def __init__(self, model: GPT, cfg: Config, rank: int = 0, world_size: int = 1, ns_dtype: torch.dtype = torch.float32,
+                 ns: Callable = zeropower_via_newtonschulz5):
         roles, named = param_roles(model), dict(model.named_parameters())
         by_role = {r: [named[n] for n, role in roles.items() if role == r] for r in ("muon", "embed", "scalar")}
-        betas = (cfg.beta1, cfg.beta2)
+        betas, fused = (cfg.beta1, cfg.beta2), named["tok_emb.weight"].device.type in ("cuda", "cpu")
         self.muon = Muon(by_role["muon"], cfg.matrix_lr, cfg.muon_momentum, cfg.muon_backend_steps, cfg.muon_wd,
-                         cfg.muon_row_normalize, rank, world_size, ns_dtype)
+                         cfg.muon_row_normalize, rank, world_size, ns_dtype, ns)
         self.embed = torch.optim.AdamW(by_role["embed"], lr=cfg.tied_embed_lr, betas=betas, eps=cfg.adam_eps,
-                                       weight_decay=cfg.embed_wd)
+                                       weight_decay=cfg.embed_wd, fused=fused)
         self.scalar = torch.optim.AdamW(by_role["scalar"], lr=cfg.scalar_lr, betas=betas, eps=cfg.adam_eps,
-                                        weight_decay=cfg.adam_wd)
+                                        weight_decay=cfg.adam_wd, fused=fused)
         self.all = [self.muon, self.embed, self.scalar]
         self.base_lrs = [cfg.matrix_lr, cfg.tied_embed_lr, cfg.scalar_lr]
 
@@ -720,16 +735,44 @@ class Optimizers:
             opt.load_state_dict(copy.deepcopy(state))
 
 
-def lr_multiplier(frac: float, warmdown_frac: float, min_lr: float) -> float:
-    """Flat at 1, then linear warmdown over the last warmdown_frac of training to min_lr (no LR warmup)."""
-    if frac < 1.0 - warmdown_frac:
-        return 1.0
-    return max((1.0 - frac) / warmdown_frac, min_lr)
+@dataclass(frozen=True)
+class Schedule:
+    """Everything that moves with training progress, in one place: progress, LR multiplier, Muon momentum, the
+    looping switch, the TTT learning rate and the calibration deadline. Pure functions of the config."""
 
+    cfg: Config
 
-def muon_momentum_at(step: int, start: float, end: float, warmup_steps: int) -> float:
-    k = min(step / warmup_steps, 1.0) if warmup_steps > 0 else 1.0
-    return (1 - k) * start + k * end
+    @property
+    def cap_ms(self) -> float:
+        """The train loop's cap: the 600 s budget minus the GPTQ reserve (0 = no cap, step-based progress)."""
+        c = self.cfg
+        return 1000.0 * max(0.0, c.max_wallclock_seconds - c.gptq_reserve_seconds) if c.max_wallclock_seconds > 0 else 0.0
+
+    def frac(self, step: int, elapsed_ms: float) -> float:
+        return elapsed_ms / self.cap_ms if self.cap_ms > 0 else step / self.cfg.iterations
+
+    def lr_mul(self, frac: float) -> float:
+        """Flat at 1, then linear warmdown over the last warmdown_frac of training to min_lr (no LR warmup)."""
+        c = self.cfg
+        return 1.0 if frac < 1.0 - c.warmdown_frac else max((1.0 - frac) / c.warmdown_frac, c.min_lr)
+
+    def muon_momentum(self, step: int) -> float:
+        c = self.cfg
+        k = min(step / c.muon_momentum_warmup_steps, 1.0) if c.muon_momentum_warmup_steps > 0 else 1.0
+        return (1 - k) * c.muon_momentum_warmup_start + k * c.muon_momentum
+
+    def looping(self, frac: float) -> bool:
+        """Depth recurrence is on from enable_looping_at of the budget; it never switches off."""
+        return self.cfg.num_loops > 0 and frac >= self.cfg.enable_looping_at
+
+    def ttt_lr(self, chunk: int, num_chunks: int) -> float:
+        """Cosine over chunks, from ttt_lr at the first chunk to 0 at the last."""
+        return self.cfg.ttt_lr * 0.5 * (1 + math.cos(math.pi * chunk / max(1, num_chunks - 1)))
+
+    def calibration_seconds(self, train_ms: float) -> float:
+        """What is left of the train budget after a loop of train_ms: Hessian collection reads training data, so it
+        must end inside the budget (upstream rulings around #677 and the #1868 rerun)."""
+        return self.cfg.max_wallclock_seconds - train_ms / 1000 if self.cfg.max_wallclock_seconds > 0 else math.inf
 
 
 @torch.no_grad()
@@ -754,6 +797,26 @@ def window_starts(num_targets: int, seq_len: int, stride: int) -> np.ndarray:
     return np.arange(0, max(1, num_targets - ctx), stride, dtype=np.int64)
 
 
+@dataclass(frozen=True)
+class EvalContext:
+    """What every scorer needs besides the model and the tokens. static_shapes pads every batch to batch_windows
+    rows, so a compiled forward sees one shape (no recompiles); eager runs skip the padding."""
+
+    luts: tuple[Tensor, Tensor, Tensor]
+    batch_windows: int
+    device: torch.device = torch.device("cpu")
+    val_bytes: Tensor | None = None  # the byte sidecar (val token i's original bytes), used instead of the LUTs
+    amp: Callable = contextlib.nullcontext
+    rank: int = 0
+    world_size: int = 1
+    static_shapes: bool = False
+
+    def share(self, items: np.ndarray) -> np.ndarray:
+        """This rank's contiguous share of items."""
+        n = len(items)
+        return items[n * self.rank // self.world_size : n * (self.rank + 1) // self.world_size]
+
+
 def bpb_from_sums(sums: Tensor) -> tuple[float, float]:
     """(val_loss in nats/token, val_bpb) from float64 sums (nll, targets, bytes)."""
     nll, count, nbytes = (float(v) for v in sums)
@@ -762,28 +825,33 @@ def bpb_from_sums(sums: Tensor) -> tuple[float, float]:
 
 @torch.no_grad()
 def score_windows(logits_fn: Callable[[Tensor], Tensor], tokens: Tensor, starts: np.ndarray, seq_len: int,
-                  stride: int, luts: tuple[Tensor, Tensor, Tensor], batch_windows: int, device: torch.device,
-                  amp: Callable, nll_out: Tensor | None = None, hits_out: Tensor | None = None) -> Tensor:
+                  stride: int, ev: EvalContext, nll_out: Tensor | None = None, hits_out: Tensor | None = None) -> Tensor:
     """float64 sums (nll, targets, bytes) over the targets these windows score. Short windows are padded to seq_len
-    by repeating the last token (causal attention: padding after a position cannot change it). If given,
-    nll_out[j] receives target j's nll and hits_out[j] counts how often target j was scored (check_legality.py)."""
+    by repeating the last token (causal attention: padding after a position cannot change it); with static shapes,
+    short batches get all-masked rows. If given, nll_out[j] receives target j's nll and hits_out[j] counts how often
+    target j was scored (check_legality.py)."""
     n = tokens.numel() - 1
     ctx = seq_len - stride
     offsets = torch.arange(seq_len)
-    sums = torch.zeros(3, dtype=torch.float64, device=device)
-    luts = tuple(t.to(device) for t in luts)
-    for b in range(0, len(starts), batch_windows):
-        s = torch.from_numpy(starts[b : b + batch_windows])[:, None]
+    sums = torch.zeros(3, dtype=torch.float64, device=ev.device)
+    luts = tuple(t.to(ev.device) for t in ev.luts)
+    for b in range(0, len(starts), ev.batch_windows):
+        s = torch.from_numpy(starts[b : b + ev.batch_windows])[:, None]
+        real = torch.ones(len(s), 1, dtype=torch.bool)
+        if ev.static_shapes and len(s) < ev.batch_windows:
+            pad = ev.batch_windows - len(s)
+            s, real = torch.cat((s, s.new_zeros(pad, 1))), torch.cat((real, real.new_zeros(pad, 1)))
         pos = s + offsets  # (W, seq_len) target index of each position
-        mask = (pos < n) & (pos >= torch.where(s == 0, 0, s + ctx))
-        x = tokens[pos.clamp(max=n - 1)].to(device)
-        y = tokens[(pos + 1).clamp(max=n)].to(device)
-        mask = mask.to(device)
-        with amp():
+        mask = (pos < n) & (pos >= torch.where(s == 0, 0, s + ctx)) & real
+        x = tokens[pos.clamp(max=n - 1)].to(ev.device)
+        y = tokens[(pos + 1).clamp(max=n)].to(ev.device)
+        mask = mask.to(ev.device)
+        with ev.amp():
             logits = logits_fn(x)
         nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view_as(y).double()
         nll = torch.where(mask, nll, 0.0)
-        sums += torch.stack((nll.sum(), mask.sum().double(), (target_bytes(x, y, luts) * mask).sum().double()))
+        nbytes = target_bytes(x, y, luts) if ev.val_bytes is None else ev.val_bytes[(pos + 1).clamp(max=n)].to(ev.device)
+        sums += torch.stack((nll.sum(), mask.sum().double(), (nbytes * mask).sum().double()))
         if nll_out is not None:
             nll_out[pos[mask.cpu()]] = nll[mask].cpu()
         if hits_out is not None:
@@ -792,12 +860,10 @@ def score_windows(logits_fn: Callable[[Tensor], Tensor], tokens: Tensor, starts:
 
 
 def evaluate(logits_fn: Callable[[Tensor], Tensor], tokens: Tensor, seq_len: int, stride: int,
-             luts: tuple[Tensor, Tensor, Tensor], batch_windows: int, device: torch.device, amp: Callable,
-             rank: int = 0, world_size: int = 1) -> tuple[float, float]:
+             ev: EvalContext) -> tuple[float, float]:
     """Plain (stride = seq_len) or sliding-window eval; windows split contiguously over ranks, sums all-reduced."""
-    starts = window_starts(tokens.numel() - 1, seq_len, stride)
-    mine = starts[len(starts) * rank // world_size : len(starts) * (rank + 1) // world_size]
-    sums = all_reduce_(score_windows(logits_fn, tokens, mine, seq_len, stride, luts, batch_windows, device, amp))
+    starts = ev.share(window_starts(tokens.numel() - 1, seq_len, stride))
+    sums = all_reduce_(score_windows(logits_fn, tokens, starts, seq_len, stride, ev))
     n = tokens.numel() - 1
     if int(sums[1]) != n:
         raise RuntimeError(f"eval scored {int(sums[1])} targets, expected each of {n} exactly once")
@@ -815,23 +881,22 @@ def ttt_chunks(num_targets: int, seq_len: int, stride: int, chunk_tokens: int) -
 
 
 def adapt_on_chunk(model: GPT, opt: torch.optim.Optimizer, tokens: Tensor, chunk: int, chunk_tokens: int,
-                   seq_len: int, epochs: int, device: torch.device, amp: Callable, rank: int = 0,
-                   world_size: int = 1, batch_seqs: int = 32) -> None:
+                   seq_len: int, epochs: int, ev: EvalContext, batch_seqs: int = 32) -> None:
     """SGD on chunk `chunk`'s tokens only: sequences tokens[c*C + k*L ...], targets shifted by one, so the last
     target is token (c+1)*C, which the chunk's windows have already scored. Rank r takes its share of the
     sequences; gradients are averaged over ranks and clipped to norm 1 before each step."""
     n_seq = chunk_tokens // seq_len
-    lo, hi = n_seq * rank // world_size, n_seq * (rank + 1) // world_size
+    lo, hi = n_seq * ev.rank // ev.world_size, n_seq * (ev.rank + 1) // ev.world_size
     idx = chunk * chunk_tokens + torch.arange(lo * seq_len, hi * seq_len).view(-1, seq_len)
-    x, y = tokens[idx].to(device), tokens[idx + 1].to(device)
-    steps = math.ceil(math.ceil(n_seq / world_size) / batch_seqs)  # the same number of steps on every rank
+    x, y = tokens[idx].to(ev.device), tokens[idx + 1].to(ev.device)
+    steps = math.ceil(math.ceil(n_seq / ev.world_size) / batch_seqs)  # the same number of steps on every rank
     params = [p for p in model.parameters() if p.requires_grad]
     model.train()
     for _ in range(epochs):
         for i in range(steps):
             xb, yb = x[i * batch_seqs : (i + 1) * batch_seqs], y[i * batch_seqs : (i + 1) * batch_seqs]
             if len(xb):
-                with amp():
+                with ev.amp():
                     model(xb, yb).backward()
             for p in params:
                 if p.grad is None:
@@ -843,10 +908,8 @@ def adapt_on_chunk(model: GPT, opt: torch.optim.Optimizer, tokens: Tensor, chunk
     model.eval()
 
 
-def eval_ttt(model: GPT, tokens: Tensor, cfg: Config, luts: tuple[Tensor, Tensor, Tensor], batch_windows: int,
-             device: torch.device, amp: Callable, logits_fn: Callable[[Tensor], Tensor] | None = None,
-             rank: int = 0, world_size: int = 1, nll_out: Tensor | None = None,
-             hits_out: Tensor | None = None) -> tuple[float, float]:
+def eval_ttt(model: GPT, tokens: Tensor, cfg: Config, ev: EvalContext, logits_fn: Callable[[Tensor], Tensor] | None = None,
+             nll_out: Tensor | None = None, hits_out: Tensor | None = None) -> tuple[float, float]:
     """Legal score-first TTT (record P, STACK.md §D.3; framework PR #549, #1413). For each chunk in order:
     score it under no_grad with weights that have only trained on earlier chunks, add it to the totals, and only
     then adapt on it. The last chunk is never trained on. Issue #1017 conditions: causal, normalized, score
@@ -854,16 +917,15 @@ def eval_ttt(model: GPT, tokens: Tensor, cfg: Config, luts: tuple[Tensor, Tensor
     n, L, S, C = tokens.numel() - 1, cfg.eval_seq_len, cfg.eval_stride, cfg.ttt_chunk_tokens
     chunks = ttt_chunks(n, L, S, C)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.ttt_lr, momentum=cfg.ttt_momentum)
-    logits_fn = logits_fn or model.forward_logits
-    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    logits_fn, schedule = logits_fn or model.forward_logits, Schedule(cfg)
+    sums = torch.zeros(3, dtype=torch.float64, device=ev.device)
     model.eval()
     for c, starts in enumerate(chunks):
-        mine = starts[len(starts) * rank // world_size : len(starts) * (rank + 1) // world_size]
-        sums += score_windows(logits_fn, tokens, mine, L, S, luts, batch_windows, device, amp, nll_out, hits_out)  # score
+        sums += score_windows(logits_fn, tokens, ev.share(starts), L, S, ev, nll_out, hits_out)  # score
         if c < len(chunks) - 1:  # then adapt, on tokens just scored
             for group in opt.param_groups:
-                group["lr"] = cfg.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / (len(chunks) - 1)))
-            adapt_on_chunk(model, opt, tokens, c, C, L, cfg.ttt_epochs, device, amp, rank, world_size)
+                group["lr"] = schedule.ttt_lr(c, len(chunks))
+            adapt_on_chunk(model, opt, tokens, c, C, L, cfg.ttt_epochs, ev)
     all_reduce_(sums)
     if int(sums[1]) != n:
         raise RuntimeError(f"TTT scored {int(sums[1])} targets, expected each of {n} exactly once")
@@ -871,27 +933,67 @@ def eval_ttt(model: GPT, tokens: Tensor, cfg: Config, luts: tuple[Tensor, Tensor
 
 
 # -----------------------------------------------------------------------------
-# TRAINING
+# RUNTIME: device, precision and attention backend, chosen once per process
 # -----------------------------------------------------------------------------
 
 
 @dataclass
 class Runtime:
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-    amp: Callable  # a context-manager factory: bf16 autocast on CUDA, nothing on CPU (fp32 is ~3x faster there)
-    ns_dtype: torch.dtype  # Newton-Schulz / Muon exchange dtype
-    is_master: bool = field(init=False)
+    """The process's place in the run. precision "bf16" is record P's CUDA dtype policy (apply_precision + bf16
+    autocast) and runs on CPU too, so CI exercises the GPU precision path; "fp32" is the fast CPU path. fa3 is
+    FlashAttention-3's flash_attn_func when attention runs on it (resolve_attention), else None: SDPA."""
 
-    def __post_init__(self) -> None:
-        self.is_master = self.rank == 0
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    precision: str = "fp32"
+    fa3: Callable | None = None
+    attention_note: str = "sdpa"
+
+    @property
+    def is_master(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def attention(self) -> str:
+        return "fa3" if self.fa3 is not None else "sdpa"
+
+    @property
+    def ns_dtype(self) -> torch.dtype:  # Newton-Schulz and the Muon exchange buffer
+        return torch.bfloat16 if self.precision == "bf16" else torch.float32
+
+    def amp(self) -> contextlib.AbstractContextManager:
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
 
-def setup_runtime() -> Runtime:
-    """The one place that looks at the device: CUDA + NCCL + bf16, or CPU + gloo + fp32. Reads torchrun's vars."""
-    import contextlib
+def load_fa3(device: torch.device) -> tuple[Callable | None, str]:
+    """FlashAttention-3's flash_attn_func if `flash_attn_interface` imports and runs a tiny causal GQA call on device,
+    else (None, why). A wheel built for another torch or CUDA fails here, at import or first call, not mid-run."""
+    try:
+        from flash_attn_interface import flash_attn_func
+        q = torch.zeros(1, 4, 2, 64, dtype=torch.bfloat16, device=device)
+        flash_attn_func(q, q[:, :, :1], q[:, :, :1], causal=True)
+    except Exception as e:  # ImportError, OSError/undefined symbol (ABI), RuntimeError (no kernel for this GPU)
+        return None, f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+    return flash_attn_func, "flash_attn_interface ok"
+
+
+def resolve_attention(mode: str, device: torch.device) -> tuple[Callable | None, str]:
+    """ATTENTION=auto: FlashAttention-3 on CUDA when usable, else SDPA; fa3: FA3 or a hard error; sdpa: SDPA."""
+    if mode == "sdpa" or (mode == "auto" and device.type != "cuda"):
+        return None, "sdpa " + ("requested" if mode == "sdpa" else "(no CUDA)")
+    fa3, why = load_fa3(device)
+    if fa3 is None and mode == "fa3":
+        raise RuntimeError(f"ATTENTION=fa3 but FlashAttention-3 is unusable: {why} (install it: requirements-gpu.txt)")
+    return fa3, why
+
+
+def setup_runtime(cfg: Config) -> Runtime:
+    """The one place that looks at the device (and reads torchrun's RANK/WORLD_SIZE/LOCAL_RANK): CUDA + NCCL, or
+    CPU + gloo; then the precision (auto: bf16 on CUDA, fp32 on CPU) and the attention backend."""
     world_size, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
@@ -899,14 +1001,21 @@ def setup_runtime() -> Runtime:
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-        amp, ns_dtype, backend = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)), torch.bfloat16, "nccl"
+        backend = "nccl"
     else:
         device = torch.device("cpu")
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
-        amp, ns_dtype, backend = contextlib.nullcontext, torch.float32, "gloo"
+        backend = "gloo"
     if world_size > 1:
         dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
-    return Runtime(rank, world_size, local_rank, device, amp, ns_dtype)
+    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    fa3, note = resolve_attention(cfg.attention, device)
+    return Runtime(rank, world_size, local_rank, device, precision, fa3, note)
+
+
+# -----------------------------------------------------------------------------
+# TRAINING PIECES: steps, warm-up, calibration, the data a run reads
+# -----------------------------------------------------------------------------
 
 
 def grad_accum_steps(cfg: Config, world_size: int) -> int:
@@ -993,9 +1102,10 @@ def compile_warmup(model: GPT, opts: Optimizers, step_fn: Callable[[ShuffledSequ
     opts.load_state_dict(initial_opts)
 
 
-def load_quantized_model(path: str | Path, cfg: Config, device: torch.device) -> GPT:
+def load_quantized_model(path: str | Path, cfg: Config, device: torch.device, precision: str = "fp32",
+                         fa3: Callable | None = None) -> GPT:
     """A fresh model with the artifact's dequantized weights, looping on, in eval mode (what every score uses)."""
-    model = GPT(cfg).to(device)
+    model = apply_precision(GPT(cfg, fa3).to(device), precision)
     model.load_state_dict({k: v.to(device) for k, v in dequantize(load_artifact(path)).items()}, strict=True)
     model.looping = cfg.num_loops > 0
     return model.eval()
@@ -1026,6 +1136,15 @@ def nvidia_smi() -> str:
         return "nvidia-smi: not available (CPU run)"
 
 
+def sha256_file(path: str | Path) -> str:
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def load_tokenizer(path: Path, vocab_size: int):
     import sentencepiece as spm
     if not path.is_file():
@@ -1035,6 +1154,41 @@ def load_tokenizer(path: Path, vocab_size: int):
     if sp.vocab_size() != vocab_size:
         raise ValueError(f"tokenizer {path} has vocab {sp.vocab_size()} but VOCAB_SIZE={vocab_size}")
     return sp
+
+
+@dataclass
+class Data:
+    """What a run reads: byte tables of the tokenizer, train shard paths, the val tokens (truncated as upstream)."""
+
+    luts: tuple[Tensor, Tensor, Tensor]
+    train_files: list[str]
+    val_tokens: Tensor
+    tokenizer_sha256: str
+    val_bytes: Tensor | None = None  # the byte sidecar of a transformed tokenizer (CaseOps); None: the LUTs count
+
+    def eval_context(self, batch_windows: int, **kw: object) -> EvalContext:
+        return EvalContext(self.luts, batch_windows, val_bytes=self.val_bytes, **kw)
+
+    def byte_total(self) -> int:
+        """UTF-8 bytes of every scored target (the bpb denominator of a full eval)."""
+        t = self.val_tokens
+        return int(self.val_bytes[1:].sum() if self.val_bytes is not None else target_bytes(t[:-1], t[1:], self.luts).sum())
+
+
+def load_data(cfg: Config) -> Data:
+    """The one loader of a run's data, shared by the trainer and the tools. The tokenizer is part of the data: if
+    the dataset's manifest.json names a tokenizer hash, a different tokenizer file is an error (its byte tables
+    would make the bpb wrong even with the same vocab size)."""
+    sp = load_tokenizer(cfg.tokenizer_file, cfg.vocab_size)
+    sha = sha256_file(cfg.tokenizer_file)
+    manifest = cfg.dataset_dir / "manifest.json"
+    want = json.loads(manifest.read_text()).get("tokenizer_sha256") if manifest.is_file() else None
+    if want and want != sha:
+        raise ValueError(f"tokenizer {cfg.tokenizer_file} (sha256 {sha[:16]}...) is not the one {manifest} was built "
+                         f"with (sha256 {want[:16]}...); bpb would be counted with the wrong byte tables")
+    val = load_val_tokens(str(cfg.dataset_dir / VAL_GLOB), cfg.eval_seq_len, cfg.vocab_size)
+    return Data(build_byte_luts(sp, cfg.vocab_size), shard_files(str(cfg.dataset_dir / TRAIN_GLOB)), val, sha,
+                load_val_bytes(cfg.dataset_dir, val.numel()))
 
 
 def code_sources() -> dict[str, bytes]:
@@ -1048,233 +1202,295 @@ def code_sources() -> dict[str, bytes]:
     return files
 
 
+# -----------------------------------------------------------------------------
+# THE RUN: build, train, calibrate, serialize, score, summarize
+# -----------------------------------------------------------------------------
+
+
+class Run:
+    """One run as named phases. run() calls them in order; tools reuse them on a saved checkpoint
+    (Run.from_checkpoint, then calibrate / serialize / score). Building loads the data and makes the model."""
+
+    def __init__(self, cfg: Config, rt: Runtime, log_to_file: bool = False):
+        self.cfg, self.rt = cfg, rt
+        self.out_dir, self.run_id = Path(cfg.out_dir), cfg.run_id or str(uuid.uuid4())
+        self.artifact_path = self.out_dir / "final_model.int6.ptz"
+        self.log = Logger(self.out_dir / "logs" / f"{self.run_id}.txt" if log_to_file and rt.is_master else None)
+        self.ledger, self.schedule, self.results = Ledger(), Schedule(cfg), {}
+        self.compiled = cfg.compile == "1" or (cfg.compile == "auto" and rt.device.type == "cuda")
+        self.accum = grad_accum_steps(cfg, rt.world_size)
+        self.data = load_data(cfg)
+        torch.manual_seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        self.model = apply_precision(GPT(cfg, rt.fa3).to(rt.device), rt.precision)
+        self.logits_fn = self.compile(self.model.forward_logits)
+        windows = max(1, cfg.val_batch_tokens // (rt.world_size * self.accum * cfg.eval_seq_len))
+        self.ev = self.data.eval_context(windows, device=rt.device, amp=rt.amp, rank=rt.rank, world_size=rt.world_size,
+                                         static_shapes=self.compiled)
+        self.step, self.train_ms, self.looping_step = 0, 0.0, None
+
+    @classmethod
+    def from_checkpoint(cls, cfg: Config, rt: Runtime, path: str | Path) -> Run:
+        r = cls(cfg, rt)
+        r.model.load_state_dict(torch.load(path, map_location=rt.device, weights_only=True), strict=True)
+        r.model.looping = cfg.num_loops > 0
+        return r
+
+    def compile(self, fn: Callable) -> Callable:
+        return torch.compile(fn, dynamic=False, fullgraph=True) if self.compiled else fn
+
+    def make_loader(self) -> ShuffledSequenceLoader:
+        c = self.cfg
+        return ShuffledSequenceLoader(self.data.train_files, c.train_seq_len, c.vocab_size, c.seed, self.rt.rank,
+                                      self.rt.world_size)
+
+    @property
+    def micro_seqs(self) -> int:
+        return self.cfg.train_batch_tokens // (self.rt.world_size * self.accum * self.cfg.train_seq_len)
+
+    def plain_eval(self, logits_fn: Callable) -> tuple[float, float]:
+        L = self.cfg.eval_seq_len
+        return evaluate(logits_fn, self.data.val_tokens, L, L, self.ev)
+
+    def timed_eval(self, label: str, budget: str, fn: Callable[[], tuple[float, float]]) -> None:
+        sync(self.rt.device)
+        t = time.perf_counter()
+        vl, vb = fn()
+        sync(self.rt.device)
+        dt = time.perf_counter() - t
+        self.ledger.add(label.replace("-", "_").replace(" ", "_"), dt, budget)
+        self.results[label] = dict(val_loss=vl, val_bpb=vb, eval_time_ms=1000 * dt)
+        self.log(log_line("eval", label=label, val_loss=vl, val_bpb=vb, ms=1000 * dt))
+
+    def log_header(self) -> None:
+        """Every code file that ran (byte-exact framing: tools/parse_log.py reads them back), the environment, the
+        resolved config, and what this process runs on."""
+        cfg, rt, log = self.cfg, self.rt, self.log
+        self.code = b"".join(body for body in code_sources().values())
+        for name, body in code_sources().items():
+            log(log_line("source_file", name=name, n=len(body)) + f"\n{body.decode()}", console=False)
+        log("=" * 100, console=False)
+        log(f"Running Python {sys.version}", console=False)
+        log(f"Running PyTorch {torch.__version__}", console=False)
+        log(nvidia_smi(), console=False)
+        log("=" * 100, console=False)
+        log("Hyperparameters:")
+        derived = dict(dataset_dir=cfg.dataset_dir, tokenizer_file=cfg.tokenizer_file, world_size=rt.world_size,
+                       rank=rt.rank, grad_accum_effective=self.accum, device=rt.device, run_id=self.run_id)
+        for key, value in sorted({**dataclasses.asdict(cfg), **derived}.items()):
+            log(f"  {key}: {value}")
+        log(log_line("train_shards", n=len(self.data.train_files)))
+        log(log_line("val_tokens", n=self.data.val_tokens.numel() - 1))
+        log(log_line("tokenizer", sha256=self.data.tokenizer_sha256, vocab=cfg.vocab_size))
+        log(log_line("val_bytes", source="lut" if self.data.val_bytes is None else "sidecar", total=self.data.byte_total()))
+        log(log_line("model_params", n=sum(p.numel() for p in self.model.parameters())))
+        log(log_line("runtime", world_size=rt.world_size, accum=self.accum, device=rt.device.type, cpus=os.cpu_count(),
+                     attention=rt.attention, compile=self.compiled, precision=rt.precision))
+        if rt.device.type == "cuda" and rt.fa3 is None:
+            log(f"WARNING attention: FlashAttention-3 unusable ({rt.attention_note}); running SDPA, slower than the "
+                f"record's attention. ATTENTION=fa3 makes this an error.")
+
+    def train(self) -> None:
+        """Compile warm-up (undone), then the timed loop under the wallclock cap; EMA weights applied at the end."""
+        cfg, rt, model, log, sched = self.cfg, self.rt, self.model, self.log, self.schedule
+        ns = self.compile(zeropower_via_newtonschulz5)
+        self.opts = opts = Optimizers(model, cfg, rt.rank, rt.world_size, rt.ns_dtype, ns)
+        train_model: nn.Module = self.compile(model)
+        if rt.world_size > 1:
+            torch._dynamo.config.optimize_ddp = False  # as record P: DDP around a compiled module
+            train_model = nn.parallel.DistributedDataParallel(
+                train_model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
+        if sched.cap_ms > 0:
+            log(log_line("gptq_reserve", seconds=cfg.gptq_reserve_seconds, ms=sched.cap_ms))
+
+        def step_on(loader: ShuffledSequenceLoader) -> Tensor:
+            batches = [tuple(t.to(rt.device, non_blocking=True) for t in loader.next_batch(self.micro_seqs))
+                       for _ in range(self.accum)]
+            return train_step(train_model, opts, batches, cfg.grad_clip_norm, rt.amp)
+
+        t0 = time.perf_counter()
+        compile_warmup(model, opts, step_on, self.make_loader, cfg, log)
+        sync(rt.device)
+        self.ledger.add("compile_warmup", time.perf_counter() - t0, "none")
+        loader = self.make_loader()
+        ema = [p.detach().float().clone() for p in model.parameters()]
+        step, stop_after = 0, None
+        sync(rt.device)
+        t_start = time.perf_counter()
+        while True:
+            last = step == cfg.iterations or step == stop_after
+            if last or (cfg.val_loss_every > 0 and step % cfg.val_loss_every == 0):
+                sync(rt.device)
+                self.train_ms += 1000 * (time.perf_counter() - t_start)
+                vl, vb = self.plain_eval(self.logits_fn)
+                log(log_line("val", step=step, iterations=cfg.iterations, val_loss=vl, val_bpb=vb))
+                sync(rt.device)
+                t_start = time.perf_counter()
+            if last:
+                if stop_after is not None and step < cfg.iterations:
+                    log(log_line("stop", ms=self.train_ms, step=step, iterations=cfg.iterations))
+                break
+            frac = sched.frac(step, self.train_ms + 1000 * (time.perf_counter() - t_start))
+            if sched.looping(frac) and not model.looping:
+                model.looping, self.looping_step = True, step
+                enc, dec = layer_schedule(cfg.num_layers, cfg.loop_start, cfg.loop_end, cfg.num_loops, True)
+                log(log_line("layer_loop", step=step, frac=frac, encoder=enc, decoder=dec))
+            opts.set_schedule(sched.lr_mul(frac), sched.muon_momentum(step))
+            loss = step_on(loader)
+            ema_update_(ema, list(model.parameters()), cfg.ema_decay)
+            step += 1
+            elapsed_ms = self.train_ms + 1000 * (time.perf_counter() - t_start)
+            flags = all_reduce_(torch.stack(((~torch.isfinite(loss)).float(), torch.tensor(
+                float(sched.cap_ms > 0 and elapsed_ms >= sched.cap_ms), device=rt.device))), dist.ReduceOp.MAX)
+            if flags[0] > 0:
+                log(f"stopping: non-finite train loss at step {step}")
+                raise SystemExit(1)
+            if step <= 5 or step % cfg.train_log_every == 0:
+                log(log_line("train", step=step, iterations=cfg.iterations, train_loss=loss.item(),
+                             minutes=elapsed_ms / 60000, tok_s=step * cfg.train_batch_tokens / (elapsed_ms / 1000)))
+            if flags[1] > 0 and stop_after is None:
+                stop_after = step
+        self.step = step
+        self.ledger.add("train_loop", self.train_ms / 1000, "train")
+        if rt.device.type == "cuda":
+            log(log_line("peak_memory", allocated=torch.cuda.max_memory_allocated() // 2**20,
+                         reserved=torch.cuda.max_memory_reserved() // 2**20))
+        log("ema:applying EMA weights")
+        with torch.no_grad():
+            for p, e in zip(model.parameters(), ema):
+                p.copy_(e.to(p.dtype))
+        model.looping = cfg.num_loops > 0  # the final model always runs looped
+        self.timed_eval("pre-quantization post-ema", "none", lambda: self.plain_eval(self.logits_fn))
+        if rt.is_master:  # the float checkpoint: input of tools/requantize.py, not counted
+            torch.save(model.state_dict(), self.out_dir / "final_model.pt")
+            log(log_line("serialized_raw", n=(self.out_dir / "final_model.pt").stat().st_size))
+            log(log_line("code_size", n=len(self.code)))
+
+    def calibrate(self, seconds: float | None = None) -> dict[str, Tensor]:
+        """GPTQ Hessians from a fresh training loader, averaged over every rank's batches. Calibration reads training
+        data, so it stops taking batches before one would end past `seconds` (default: what is left of the train
+        budget after the loop)."""
+        cfg, rt, log = self.cfg, self.rt, self.log
+        seconds = self.schedule.calibration_seconds(self.train_ms) if seconds is None else seconds
+        log("GPTQ:collecting Hessians from calibration data...")
+        sync(rt.device)
+        t = time.perf_counter()
+        loader = self.make_loader()
+
+        def batches() -> Iterator[Tensor]:
+            for i in range(cfg.gptq_calibration_batches):
+                spent = time.perf_counter() - t
+                if i > 0 and spent + spent / i > seconds:  # the next batch would end past the train budget
+                    return
+                yield loader.next_batch(self.micro_seqs)[0].to(rt.device)
+
+        hessians, count = collect_hessians(self.model, batches(), cfg.passthrough_numel, rt.amp)
+        total = int(all_reduce_(torch.tensor(float(count), device=rt.device)))
+        for name in sorted(hessians):  # improvement on upstream: calibrate on every rank's data, not rank 0's only
+            hessians[name] = all_reduce_(hessians[name]) / total
+        sync(rt.device)
+        self.ledger.add("gptq_hessians", time.perf_counter() - t, "train")
+        wanted = cfg.gptq_calibration_batches * rt.world_size
+        if total < wanted:
+            log(log_line("gptq_cut", done=total, wanted=wanted, limit=cfg.max_wallclock_seconds))
+        log(log_line("gptq_collected", n=len(hessians), seconds=time.perf_counter() - t))
+        return hessians
+
+    def serialize(self, hessians: dict[str, Tensor], path: Path | None = None, cfg: Config | None = None,
+                  method: str = "gptq") -> int:
+        """GPTQ (on the master, where the weights are) and the artifact, written atomically; every rank waits for it.
+        cfg overrides the quantization settings (tools/requantize.py sweeps them). Returns the artifact's bytes."""
+        cfg, path, log = cfg or self.cfg, path or self.artifact_path, self.log
+        t = time.perf_counter()
+        if self.rt.is_master:
+            qtensors = quantize_state_dict(
+                {k: v.detach() for k, v in self.model.state_dict().items()}, hessians, matrix_bits=cfg.matrix_bits,
+                matrix_clip_sigmas=cfg.matrix_clip_sigmas, embed_bits=cfg.embed_bits,
+                embed_clip_sigmas=cfg.embed_clip_sigmas, passthrough_numel=cfg.passthrough_numel, method=method)
+            save_artifact(path, encode_artifact(qtensors, codec=cfg.compressor))
+            n, code = path.stat().st_size, len(getattr(self, "code", b""))
+            log("Quantized weights:")
+            for line in describe(qtensors):
+                log(f"  {line}")
+            log(log_line("serialized", codec=cfg.compressor, n=n))
+            log(log_line("total_size", codec=cfg.compressor, n=n + code))
+            for part, value in (("code", code), ("model", n), ("total", n + code)):
+                log(log_line("bytes", part=part, n=value))
+            log(log_line("artifact", name=path.name, sha256=sha256_file(path)))
+        if dist_ready():
+            dist.barrier()
+        self.ledger.add("serialize", time.perf_counter() - t, "none")
+        return path.stat().st_size
+
+    def score(self, path: Path | None = None) -> dict[str, dict[str, float]]:
+        """Every rank reloads the artifact from disk, and every score below comes from it: quantized (diagnostic),
+        sliding window and score-first TTT (the eval budget)."""
+        cfg, rt, val, L = self.cfg, self.rt, self.data.val_tokens, self.cfg.eval_seq_len
+        t = time.perf_counter()
+        qmodel = load_quantized_model(path or self.artifact_path, cfg, rt.device, rt.precision, rt.fa3)
+        self.ledger.add("deserialize", time.perf_counter() - t, "none")
+        qlogits = self.compile(qmodel.forward_logits)
+        if self.compiled:  # compile outside the eval clock, on random tokens (no val data), like record N
+            t = time.perf_counter()
+            with torch.no_grad(), rt.amp():
+                qlogits(torch.randint(0, cfg.vocab_size, (self.ev.batch_windows, L), device=rt.device))
+            sync(rt.device)
+            self.ledger.add("eval_compile_warmup", time.perf_counter() - t, "none")
+        self.timed_eval("quantized", "none", lambda: self.plain_eval(qlogits))
+        if cfg.sliding_window_enabled:
+            self.timed_eval("quantized_sliding_window", "eval", lambda: evaluate(qlogits, val, L, cfg.eval_stride, self.ev))
+        if cfg.ttt_enabled:
+            self.log(log_line("ttt_start", chunks=len(ttt_chunks(val.numel() - 1, L, cfg.eval_stride, cfg.ttt_chunk_tokens)),
+                              lr=cfg.ttt_lr, epochs=cfg.ttt_epochs))
+            self.timed_eval("quantized_ttt", "eval", lambda: eval_ttt(qmodel, val, cfg, self.ev, qlogits))
+        return self.results
+
+    def summarize(self) -> dict:
+        """The time ledger into the log, and run_summary.json (every figure of the final lines, machine-readable)."""
+        for phase, seconds, budget in self.ledger.rows:
+            self.log(log_line("ledger", phase=phase, seconds=seconds, budget=budget))
+        self.log(log_line("ledger_total", train=self.ledger.total("train"), eval=self.ledger.total("eval"),
+                          limit=TIME_LIMIT_SECONDS))
+        rt, results = self.rt, self.results
+        summary = dict(
+            run_id=self.run_id, seed=self.cfg.seed, steps=self.step, train_time_ms=round(self.train_ms),
+            model_params=sum(p.numel() for p in self.model.parameters()), world_size=rt.world_size,
+            device=rt.device.type, precision=rt.precision, attention=rt.attention, torch_version=torch.__version__,
+            layer_loop_step=self.looping_step, val_tokens=self.data.val_tokens.numel() - 1, evals=results,
+            final_label=list(results)[-1], final_val_bpb=list(results.values())[-1]["val_bpb"],
+            tokenizer_sha256=self.data.tokenizer_sha256,
+            time_ledger=[dict(phase=p, seconds=s, budget=b) for p, s, b in self.ledger.rows],
+            time_totals=dict(train=self.ledger.total("train"), eval=self.ledger.total("eval"), limit=TIME_LIMIT_SECONDS),
+            config=dataclasses.asdict(self.cfg))
+        if rt.is_master:
+            n, code = self.artifact_path.stat().st_size, len(self.code)
+            summary.update(bytes_code=code, bytes_model=n, bytes_total=code + n, bytes_limit=ARTIFACT_LIMIT_BYTES,
+                           artifact=str(self.artifact_path), artifact_sha256=sha256_file(self.artifact_path),
+                           log=str(self.log.path))
+            tmp = self.out_dir / "run_summary.json.tmp"  # written whole or not at all
+            tmp.write_text(json.dumps(summary, indent=2))
+            os.replace(tmp, self.out_dir / "run_summary.json")
+        return summary
+
+
+def run(cfg: Config, rt: Runtime) -> dict:
+    r = Run(cfg, rt, log_to_file=True)
+    r.log_header()
+    r.train()
+    hessians = r.calibrate()
+    r.serialize(hessians)
+    r.score()
+    return r.summarize()
+
+
 def main() -> None:
     cfg = Config.from_env()
-    rt = setup_runtime()
+    rt = setup_runtime(cfg)
     try:
         run(cfg, rt)
     finally:
         if dist_ready():
             dist.destroy_process_group()
-
-
-def run(cfg: Config, rt: Runtime) -> dict:
-    out_dir = Path(cfg.out_dir)
-    run_id = cfg.run_id or str(uuid.uuid4())
-    log = Logger(out_dir / "logs" / f"{run_id}.txt" if rt.is_master else None)
-    sources = code_sources()
-    code = b"".join(sources.values())
-    for name, body in sources.items():  # byte-exact framing: tools/parse_log.py reads the sources back
-        log(log_line("source_file", name=name, n=len(body)) + f"\n{body.decode()}", console=False)
-    log("=" * 100, console=False)
-    log(f"Running Python {sys.version}", console=False)
-    log(f"Running PyTorch {torch.__version__}", console=False)
-    log(nvidia_smi(), console=False)
-    log("=" * 100, console=False)
-    ws, dev, amp = rt.world_size, rt.device, rt.amp
-    accum = grad_accum_steps(cfg, ws)
-    use_compile = cfg.compile == "1" or (cfg.compile == "auto" and dev.type == "cuda")
-    log("Hyperparameters:")
-    derived = dict(dataset_dir=cfg.dataset_dir, tokenizer_file=cfg.tokenizer_file, world_size=ws, rank=rt.rank,
-                   grad_accum_effective=accum, device=dev, run_id=run_id)
-    for key, value in sorted({**dataclasses.asdict(cfg), **derived}.items()):
-        log(f"  {key}: {value}")
-
-    # data
-    sp = load_tokenizer(cfg.tokenizer_file, cfg.vocab_size)
-    luts = build_byte_luts(sp, cfg.vocab_size)
-    train_files = shard_files(str(cfg.dataset_dir / "fineweb_train_*.bin"))
-    val_tokens = load_val_tokens(str(cfg.dataset_dir / "fineweb_val_*.bin"), cfg.eval_seq_len, cfg.vocab_size)
-    micro_seqs = cfg.train_batch_tokens // (ws * accum * cfg.train_seq_len)
-    eval_windows = max(1, cfg.val_batch_tokens // (ws * accum * cfg.eval_seq_len))
-
-    def make_loader() -> ShuffledSequenceLoader:
-        return ShuffledSequenceLoader(train_files, cfg.train_seq_len, cfg.vocab_size, cfg.seed, rt.rank, ws)
-
-    log(log_line("train_shards", n=len(train_files)))
-    log(log_line("val_tokens", n=val_tokens.numel() - 1))
-
-    # model and optimizers
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    model = GPT(cfg).to(dev)
-    log(log_line("model_params", n=sum(p.numel() for p in model.parameters())))
-    log(f"world_size:{ws} grad_accum_steps:{accum} device:{dev.type} cpus:{os.cpu_count()} "
-        f"attention:{'fa3' if _fa3_func is not None and dev.type == 'cuda' else 'sdpa'} compile:{use_compile}")
-    train_model: nn.Module = torch.compile(model, dynamic=False, fullgraph=True) if use_compile else model
-    logits_fn = torch.compile(model.forward_logits, dynamic=False, fullgraph=True) if use_compile else model.forward_logits
-    if ws > 1:
-        torch._dynamo.config.optimize_ddp = False  # as record P: DDP around a compiled module
-        train_model = nn.parallel.DistributedDataParallel(
-            train_model, device_ids=[rt.local_rank] if dev.type == "cuda" else None, forward_sync_buffers=False)
-    opts = Optimizers(model, cfg, rt.rank, ws, rt.ns_dtype)
-    capped = cfg.max_wallclock_seconds > 0
-    cap_ms = 1000.0 * max(0.0, cfg.max_wallclock_seconds - cfg.gptq_reserve_seconds) if capped else 0.0
-    if capped:
-        log(log_line("gptq_reserve", seconds=cfg.gptq_reserve_seconds, ms=cap_ms))
-    ledger = Ledger()
-
-    def step_on(loader: ShuffledSequenceLoader) -> Tensor:
-        batches = [tuple(t.to(dev, non_blocking=True) for t in loader.next_batch(micro_seqs)) for _ in range(accum)]
-        return train_step(train_model, opts, batches, cfg.grad_clip_norm, amp)
-
-    def encoder_decoder() -> str:
-        enc, dec = layer_schedule(cfg.num_layers, cfg.loop_start, cfg.loop_end, cfg.num_loops, model.looping)
-        return f"encoder:{enc} decoder:{dec}"
-
-    t0 = time.perf_counter()
-    compile_warmup(model, opts, step_on, make_loader, cfg, log)
-    sync(dev)
-    ledger.add("compile_warmup", time.perf_counter() - t0, "none")
-    loader = make_loader()
-    ema = [p.detach().float().clone() for p in model.parameters()]
-
-    def plain_eval() -> tuple[float, float]:
-        return evaluate(logits_fn, val_tokens, cfg.eval_seq_len, cfg.eval_seq_len, luts, eval_windows, dev, amp, rt.rank, ws)
-
-    train_ms, step, stop_after, looping_step = 0.0, 0, None, None
-    sync(dev)
-    t_start = time.perf_counter()
-    while True:
-        last = step == cfg.iterations or step == stop_after
-        if last or (cfg.val_loss_every > 0 and step % cfg.val_loss_every == 0):
-            sync(dev)
-            train_ms += 1000 * (time.perf_counter() - t_start)
-            vl, vb = plain_eval()
-            log(log_line("val", step=step, iterations=cfg.iterations, val_loss=vl, val_bpb=vb))
-            sync(dev)
-            t_start = time.perf_counter()
-        if last:
-            if stop_after is not None and step < cfg.iterations:
-                log(log_line("stop", ms=train_ms, step=step, iterations=cfg.iterations))
-            break
-        elapsed_ms = train_ms + 1000 * (time.perf_counter() - t_start)
-        frac = elapsed_ms / cap_ms if cap_ms > 0 else step / cfg.iterations
-        if cfg.num_loops > 0 and not model.looping and frac >= cfg.enable_looping_at:
-            model.looping, looping_step = True, step
-            log(f"layer_loop:enabled step:{step} frac:{frac:.3f} {encoder_decoder()}")
-        opts.set_schedule(lr_multiplier(frac, cfg.warmdown_frac, cfg.min_lr),
-                          muon_momentum_at(step, cfg.muon_momentum_warmup_start, cfg.muon_momentum,
-                                           cfg.muon_momentum_warmup_steps))
-        loss = step_on(loader)
-        ema_update_(ema, list(model.parameters()), cfg.ema_decay)
-        step += 1
-        elapsed_ms = train_ms + 1000 * (time.perf_counter() - t_start)
-        flags = all_reduce_(torch.stack(((~torch.isfinite(loss)).float(),
-                                         torch.tensor(float(cap_ms > 0 and elapsed_ms >= cap_ms), device=dev))),
-                            dist.ReduceOp.MAX)
-        if flags[0] > 0:
-            log(f"stopping: non-finite train loss at step {step}")
-            raise SystemExit(1)
-        if step <= 5 or step % cfg.train_log_every == 0:
-            tok_s = step * cfg.train_batch_tokens / (elapsed_ms / 1000)
-            log(f"{step}/{cfg.iterations} train_loss: {loss.item():.4f} "
-                f"train_time: {elapsed_ms / 60000:.1f}m tok/s: {tok_s:.0f}")
-        if flags[1] > 0 and stop_after is None:
-            stop_after = step
-    ledger.add("train_loop", train_ms / 1000, "train")
-    if dev.type == "cuda":
-        log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
-            f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
-    log("ema:applying EMA weights")
-    with torch.no_grad():
-        for p, e in zip(model.parameters(), ema):
-            p.copy_(e.to(p.dtype))
-    model.looping = cfg.num_loops > 0  # the final model always runs looped
-    results: dict[str, dict[str, float]] = {}
-
-    def timed_eval(label: str, budget: str, fn: Callable[[], tuple[float, float]]) -> None:
-        sync(dev)
-        t = time.perf_counter()
-        vl, vb = fn()
-        sync(dev)
-        dt = time.perf_counter() - t
-        ledger.add(label.replace("-", "_").replace(" ", "_"), dt, budget)
-        results[label] = dict(val_loss=vl, val_bpb=vb, eval_time_ms=1000 * dt)
-        log(log_line("eval", label=label, val_loss=vl, val_bpb=vb, ms=1000 * dt))
-
-    timed_eval("pre-quantization post-ema", "none", plain_eval)
-
-    # serialize: float checkpoint (not counted), Hessians inside the train budget, GPTQ, artifact written atomically
-    model_path, artifact_path = out_dir / "final_model.pt", out_dir / "final_model.int6.ptz"
-    if rt.is_master:
-        torch.save(model.state_dict(), model_path)
-        log(log_line("serialized_raw", n=model_path.stat().st_size))
-        log(log_line("code_size", n=len(code)))
-    log("GPTQ:collecting Hessians from calibration data...")
-    sync(dev)
-    t = time.perf_counter()
-    calib = make_loader()
-    deadline = t + cfg.max_wallclock_seconds - train_ms / 1000 if capped else math.inf  # 600 s includes calibration
-
-    def calibration_batches() -> Iterator[Tensor]:
-        for i in range(cfg.gptq_calibration_batches):
-            now = time.perf_counter()
-            if i > 0 and now + (now - t) / i > deadline:  # the next batch would end past the train budget
-                return
-            yield calib.next_batch(micro_seqs)[0].to(dev)
-
-    hessians, count = collect_hessians(model, calibration_batches(), cfg.passthrough_numel, amp)
-    total = int(all_reduce_(torch.tensor(float(count), device=dev)))
-    for name in sorted(hessians):  # improvement on upstream: calibrate on every rank's data, not rank 0's only
-        hessians[name] = all_reduce_(hessians[name]) / total
-    sync(dev)
-    ledger.add("gptq_hessians", time.perf_counter() - t, "train")
-    if total < cfg.gptq_calibration_batches * ws:
-        log(f"GPTQ:calibration stopped at {total}/{cfg.gptq_calibration_batches * ws} batches to end inside the "
-            f"{cfg.max_wallclock_seconds:g}s train budget")
-    log(log_line("gptq_collected", n=len(hessians), seconds=time.perf_counter() - t))
-    t = time.perf_counter()
-    if rt.is_master:
-        qtensors = quantize_state_dict(
-            {k: v.detach() for k, v in model.state_dict().items()}, hessians,  # GPTQ runs where the weights are
-            matrix_bits=cfg.matrix_bits, matrix_clip_sigmas=cfg.matrix_clip_sigmas, embed_bits=cfg.embed_bits,
-            embed_clip_sigmas=cfg.embed_clip_sigmas, passthrough_numel=cfg.passthrough_numel)
-        save_artifact(artifact_path, encode_artifact(qtensors, codec=cfg.compressor))
-        model_bytes = artifact_path.stat().st_size
-        log("Quantized weights:")
-        for line in describe(qtensors):
-            log(f"  {line}")
-        log(log_line("serialized", codec=cfg.compressor, n=model_bytes))
-        log(log_line("total_size", codec=cfg.compressor, n=model_bytes + len(code)))
-        log(log_line("bytes", part="code", n=len(code)))
-        log(log_line("bytes", part="model", n=model_bytes))
-        log(log_line("bytes", part="total", n=model_bytes + len(code)))
-    if dist_ready():
-        dist.barrier()
-    ledger.add("serialize", time.perf_counter() - t, "none")
-
-    # every rank reloads the artifact from disk; all scores below come from it
-    t = time.perf_counter()
-    qmodel = load_quantized_model(artifact_path, cfg, dev)
-    ledger.add("deserialize", time.perf_counter() - t, "none")
-    qlogits = torch.compile(qmodel.forward_logits, dynamic=False, fullgraph=True) if use_compile else qmodel.forward_logits
-    L = cfg.eval_seq_len
-    timed_eval("quantized", "none", lambda: evaluate(qlogits, val_tokens, L, L, luts, eval_windows, dev, amp, rt.rank, ws))
-    if cfg.sliding_window_enabled:
-        timed_eval("quantized_sliding_window", "eval", lambda: evaluate(
-            qlogits, val_tokens, L, cfg.eval_stride, luts, eval_windows, dev, amp, rt.rank, ws))
-    if cfg.ttt_enabled:
-        log(f"ttt:start chunks={len(ttt_chunks(val_tokens.numel() - 1, L, cfg.eval_stride, cfg.ttt_chunk_tokens))} "
-            f"ttt_lr={cfg.ttt_lr:g} ttt_epochs={cfg.ttt_epochs}")
-        timed_eval("quantized_ttt", "eval", lambda: eval_ttt(
-            qmodel, val_tokens, cfg, luts, eval_windows, dev, amp, qlogits, rt.rank, ws))
-
-    for phase, seconds, budget in ledger.rows:
-        log(log_line("ledger", phase=phase, seconds=seconds, budget=budget))
-    log(log_line("ledger_total", train=ledger.total("train"), eval=ledger.total("eval"), limit=TIME_LIMIT_SECONDS))
-    summary = dict(run_id=run_id, seed=cfg.seed, steps=step, train_time_ms=round(train_ms), model_params=sum(
-        p.numel() for p in model.parameters()), world_size=ws, device=dev.type, torch_version=torch.__version__,
-        layer_loop_step=looping_step, val_tokens=val_tokens.numel() - 1, evals=results,
-        final_label=list(results)[-1], final_val_bpb=list(results.values())[-1]["val_bpb"],
-        time_ledger=[dict(phase=p, seconds=s, budget=b) for p, s, b in ledger.rows],
-        time_totals=dict(train=ledger.total("train"), eval=ledger.total("eval"), limit=600), config=dataclasses.asdict(cfg))
-    if rt.is_master:
-        model_bytes = artifact_path.stat().st_size
-        summary.update(bytes_code=len(code), bytes_model=model_bytes, bytes_total=len(code) + model_bytes,
-                       bytes_limit=ARTIFACT_LIMIT_BYTES, artifact=str(artifact_path), log=str(log.path))
-        atomic_write_bytes(out_dir / "run_summary.json", json.dumps(summary, indent=2).encode())
-    return summary
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tools.dryrun import read_env_file
+from tools.envfile import read_env_file
 from tools.parse_log import parse_log, read_log
 
 ROOT = Path(__file__).resolve().parent.parent

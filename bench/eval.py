@@ -41,18 +41,20 @@ def run_mode(mode: str, model: tg.GPT, cfg: tg.Config, val: torch.Tensor, luts: 
     """One eval of the quantized model in `mode`; returns val_bpb."""
     L = cfg.eval_seq_len
     windows = max(1, cfg.val_batch_tokens // (tg.grad_accum_steps(cfg, 1) * L))
+    ev = tg.EvalContext(luts, windows, rt.device, rt.amp)
     if mode == "ttt":
-        return tg.eval_ttt(model, val, cfg, luts, windows, rt.device, rt.amp)[1]
+        return tg.eval_ttt(model, val, cfg, ev)[1]
     stride = L if mode == "plain" else cfg.eval_stride
-    return tg.evaluate(model.forward_logits, val, L, stride, luts, windows, rt.device, rt.amp)[1]
+    return tg.evaluate(model.forward_logits, val, L, stride, ev)[1]
 
 
 def time_modes(cfg: tg.Config, artifact: Path, val: torch.Tensor, luts: tuple, repeats: int) -> dict[str, dict]:
     """Seconds and val_bpb of each eval mode over `repeats` rounds (plain, sliding, TTT in every round)."""
-    rt = tg.setup_runtime()
+    rt = tg.setup_runtime(cfg)
     out = {m: {"seconds": [], "bpb": None} for m in MODES}
     for r in range(repeats):
-        model = tg.load_quantized_model(artifact, cfg, rt.device)  # TTT adapts the weights: a fresh copy every round
+        # TTT adapts the weights: a fresh copy every round
+        model = tg.load_quantized_model(artifact, cfg, rt.device, rt.precision, rt.fa3)
         for mode in MODES:
             t = time.perf_counter()
             out[mode]["bpb"] = run_mode(mode, model, cfg, val, luts, rt)
@@ -130,9 +132,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     try:
         cfg = tg.Config.from_summary(summary_path)
-        sp = tg.load_tokenizer(cfg.tokenizer_file, cfg.vocab_size)
-        luts = tg.build_byte_luts(sp, cfg.vocab_size)
-        val = tg.load_val_tokens(str(cfg.dataset_dir / "fineweb_val_*.bin"), cfg.eval_seq_len, cfg.vocab_size)
+        data = tg.load_data(cfg)
+        luts, val = data.luts, data.val_tokens
     except (OSError, ValueError, KeyError) as e:
         print(f"bench/eval.py: {e}", file=sys.stderr)
         return 2

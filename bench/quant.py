@@ -503,7 +503,7 @@ def checkpoint_inputs(checkpoint: Path, summary: Path) -> CheckpointInputs:
     run = json.loads(summary.read_text())
     sp = tg.load_tokenizer(cfg.tokenizer_file, cfg.vocab_size)
     luts = tg.build_byte_luts(sp, cfg.vocab_size)
-    val = tg.load_val_tokens(str(cfg.dataset_dir / "fineweb_val_*.bin"), cfg.eval_seq_len, cfg.vocab_size)
+    val = tg.load_val_tokens(str(cfg.dataset_dir / tg.VAL_GLOB), cfg.eval_seq_len, cfg.vocab_size)
     train_files = tg.shard_files(str(cfg.dataset_dir / "fineweb_train_*.bin"))
     rt = tg.setup_runtime()
     L, accum = cfg.eval_seq_len, tg.grad_accum_steps(cfg, 1)

@@ -1,6 +1,9 @@
 """Build the offline English corpus for CPU dry runs and tests: docs -> SentencePiece BPE -> token shards.
 
     python data/builtin_corpus.py    # -> data/datasets/builtin_sp1024/ + data/tokenizers/builtin_1024_bpe.model
+    python data/builtin_corpus.py --caseops
+                                     # -> data/datasets/builtin_caseops_sp1024/ (+ val byte sidecars)
+                                     #    + data/tokenizers/builtin_caseops_1024_bpe.model
 
 Source (real English prose, fetched on a fresh machine only through a package manager): the test data inside
 the PyPI wheel gensim==4.4.0 (`pip download --no-deps`, never installed or imported), read with zipfile + bz2:
@@ -232,18 +235,19 @@ def _write_docs_if_changed(docs: list[str], path: Path) -> bool:
 
 
 def _dataset_is_current(dataset_dir: Path, model_path: Path, docs_path: Path, vocab_size: int,
-                        num_val_docs: int) -> bool:
+                        num_val_docs: int, caseops: bool = False) -> bool:
     """True if manifest.json describes exactly these inputs and every file it names is intact."""
     try:
         m = json.loads((dataset_dir / "manifest.json").read_text(encoding="utf-8"))
-        if (m["docs_sha256"], m["vocab_size_requested"], m["splits"]["val"]["docs"], m["tokenizer_trained_on"]) != (
-                tokenize_docs.file_sha256(docs_path), vocab_size, num_val_docs, "train"):
+        if (m["docs_sha256"], m["vocab_size_requested"], m["splits"]["val"]["docs"], m["tokenizer_trained_on"],
+                m.get("caseops", False)) != (tokenize_docs.file_sha256(docs_path), vocab_size, num_val_docs, "train",
+                                             caseops):
             return False
         if (dataset_dir / m["tokenizer"]).resolve() != model_path.resolve():
             return False
         if tokenize_docs.file_sha256(model_path) != m["tokenizer_sha256"]:
             return False
-        named = {f["name"]: f["sha256"] for s in m["splits"].values() for f in s["files"]}
+        named = {f["name"]: f["sha256"] for s in m["splits"].values() for f in s["files"] + s.get("sidecar_files", [])}
         present = {p.name for p in dataset_dir.glob("fineweb_*_*.bin")}
         return present == set(named) and all(tokenize_docs.file_sha256(dataset_dir / n) == h for n, h in named.items())
     except (OSError, KeyError, TypeError, ValueError):
@@ -251,9 +255,11 @@ def _dataset_is_current(dataset_dir: Path, model_path: Path, docs_path: Path, vo
 
 
 def ensure_builtin_dataset(root: Path = REPO_DATA, vocab_size: int = 1024, num_val_docs: int | None = None,
-                           source: str = "auto", force: bool = False) -> tuple[Path, Path]:
-    """Build (or reuse) root/datasets/builtin_sp{V}/ and root/tokenizers/builtin_{V}_bpe.model.
-    Returns (dataset_dir, tokenizer_model_path). Raises SourceUnavailable / tokenize_docs.DocsError."""
+                           source: str = "auto", force: bool = False, caseops: bool = False) -> tuple[Path, Path]:
+    """Build (or reuse) root/datasets/builtin_sp{V}/ and root/tokenizers/builtin_{V}_bpe.model; with caseops,
+    root/datasets/builtin_caseops_sp{V}/ (val byte sidecars included) and root/tokenizers/builtin_caseops_{V}_bpe.model
+    from the same docs and split. Returns (dataset_dir, tokenizer_model_path). Raises SourceUnavailable /
+    tokenize_docs.DocsError."""
     root = Path(root)
     t0 = time.perf_counter()
     docs, used = collect_docs(root / "builtin", source)
@@ -263,14 +269,16 @@ def ensure_builtin_dataset(root: Path = REPO_DATA, vocab_size: int = 1024, num_v
     print(f"builtin_corpus: {len(docs)} docs from {SOURCE_NAMES[used]} -> {docs_path} "
           f"({'written' if changed else 'unchanged'}, {t_docs:.1f}s)", flush=True)
     k = DEFAULT_VAL_DOCS[used] if num_val_docs is None else num_val_docs
-    dataset_dir = root / "datasets" / f"builtin_sp{vocab_size}"
-    model_prefix = root / "tokenizers" / f"builtin_{vocab_size}_bpe"
+    kind = "builtin_caseops" if caseops else "builtin"
+    dataset_dir = root / "datasets" / f"{kind}_sp{vocab_size}"
+    model_prefix = root / "tokenizers" / f"{kind}_{vocab_size}_bpe"
     model_path = model_prefix.with_name(model_prefix.name + ".model")
-    if not force and _dataset_is_current(dataset_dir, model_path, docs_path, vocab_size, k):
+    if not force and _dataset_is_current(dataset_dir, model_path, docs_path, vocab_size, k, caseops):
         print(f"builtin_corpus: {dataset_dir} is up to date (skipped tokenizer and shards)", flush=True)
     else:
         m = tokenize_docs.build_dataset(docs_path, vocab_size, k, dataset_dir, model_prefix,
-                                        extra={"source": SOURCE_NAMES[used], "shuffle_seed": SHUFFLE_SEED})
+                                        extra={"source": SOURCE_NAMES[used], "shuffle_seed": SHUFFLE_SEED},
+                                        caseops_mode=caseops)
         print(f"builtin_corpus: tokenizer {model_path} ({m['seconds']['tokenizer']:.1f}s), "
               f"shards {dataset_dir} ({m['seconds']['export']:.1f}s)", flush=True)
     return dataset_dir, model_path
@@ -287,13 +295,16 @@ def main(argv: list[str] | None = None) -> int:
                          f"{DEFAULT_VAL_DOCS['pydoc']} for pydoc, ~10%%)")
     ap.add_argument("--source", choices=("auto", "gensim", "pydoc"), default="auto",
                     help="auto = gensim wheel, falling back to pydoc if it cannot be fetched")
+    ap.add_argument("--caseops", action="store_true",
+                    help="build the CaseOps variant builtin_caseops_sp{V} (lossless case transform, val byte "
+                         "sidecars; docs/data.md) from the same docs and split")
     ap.add_argument("--force", action="store_true",
                     help="rebuild docs, tokenizer and shards even if up to date (a valid cached wheel is reused)")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     try:
         dataset_dir, model_path = ensure_builtin_dataset(args.out_root, args.vocab_size, args.num_val_docs,
-                                                         args.source, args.force)
+                                                         args.source, args.force, args.caseops)
     except (SourceUnavailable, tokenize_docs.DocsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

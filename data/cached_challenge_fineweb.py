@@ -2,6 +2,7 @@
 
     python data/cached_challenge_fineweb.py --variant sp8192 --train-shards 128
     python data/cached_challenge_fineweb.py --variant sp1024 10        # a bare N works too, as upstream
+    python data/cached_challenge_fineweb.py --variant sp8192_lossless_caps_caseops_v1_reserved --train-shards 80
 
 Same env vars, hub layout and local layout as upstream's data/cached_challenge_fineweb.py: dataset repo
 MATCHED_FINEWEB_REPO_ID, root prefix MATCHED_FINEWEB_REMOTE_ROOT_PREFIX (default `datasets`), and a remote
@@ -11,6 +12,9 @@ the manifest is cached per repo (data/manifest.<repo>.json), so switching repos 
 downloaded or already present, is checked (header, exact size, manifest size/sha256 when given) and a bad one is
 deleted and re-fetched once, bypassing the HF cache; hub failures are one-line errors. HF_ENDPOINT and HF_HUB_CACHE
 are read when main() runs, not when huggingface_hub is imported.
+
+The CaseOps variant (record N's lossless-case SP8192 data, docs/data.md) also has one byte sidecar per val shard,
+`fineweb_val_bytes_%06d.bin`, fetched and verified like a shard and checked to hold exactly one entry per val token.
 """
 
 from __future__ import annotations
@@ -44,13 +48,16 @@ from train_gpt import ShardError, read_shard_header
 DEFAULT_ENDPOINT = "https://huggingface.co"
 DEFAULT_PREFIX = "datasets"
 DEFAULT_TRAIN_SHARDS = 80  # upstream default: 80 x 1e8 tokens = 8 B tokens
-# Where each variant is hosted (ECOSYSTEM.md §1.4): the official repo only carries sp1024; @kevclark's exports
-# carry sp4096 and sp8192 (the sp8192 record stack's data).
+# Where each variant is hosted: the official repo only carries sp1024; @kevclark's exports carry sp4096 and sp8192
+# (the sp8192 record stack's data); @romeerp's export carries the CaseOps sp8192 data of PR #1729 and record N.
+CASEOPS_VARIANT = "sp8192_lossless_caps_caseops_v1_reserved"
 VARIANT_REPOS = {
     "sp1024": "willdepueoai/parameter-golf",
     "sp4096": "kevclark/parameter-golf",
     "sp8192": "kevclark/parameter-golf",
+    CASEOPS_VARIANT: "romeerp/parameter-golf-caseops-v1",
 }
+SIDECAR_VARIANTS = {CASEOPS_VARIANT}  # val shards come with byte sidecars fineweb_val_bytes_%06d.bin
 PROBE_TIMEOUT_S = 10.0
 DOCS_FILES = ("docs_selected.jsonl", "docs_selected.source_manifest.json")
 
@@ -328,32 +335,50 @@ def plan_from_manifest(manifest: dict, hub: Hub, variant: str, n_train: int, dat
         return Item(inner, safe_dest(data_dir, inner), shard, int(size) if size is not None else None, f.get("sha256"))
 
     shards = [f"datasets/{name}/fineweb_val_{i:06d}.bin" for i in range(files_val)]
+    if variant in SIDECAR_VARIANTS or entry.get("val_bytes_glob"):  # upstream's exporter names its sidecars there
+        shards += [f"datasets/{name}/fineweb_val_bytes_{i:06d}.bin" for i in range(files_val)]
     shards += [f"datasets/{name}/fineweb_train_{i:06d}.bin" for i in range(n_train)]
     return [item(s, True) for s in shards] + [item(a, False) for a in artifacts], stats
 
 
 def plan_without_manifest(variant: str, n_train: int, data_dir: Path) -> list[Item]:
-    """--skip-manifest: names derived from the variant. One val shard holds the whole val split for every SP variant
-    (ECOSYSTEM.md §1.3); the train count cannot be checked up front, so a missing shard fails when it is reached."""
-    name, vocab = f"fineweb10B_{variant}", variant.removeprefix("sp")
+    """--skip-manifest: names derived from the variant (sp<V>[_suffix] -> tokenizers/fineweb_<V>_bpe[_suffix].model).
+    One val shard holds the whole val split for every SP variant; the train count cannot be checked up front, so a
+    missing shard fails when it is reached."""
+    name = f"fineweb10B_{variant}"
+    vocab, suffix = re.fullmatch(r"sp(\d+)(.*)", variant).groups()
     inners = [f"datasets/{name}/fineweb_val_000000.bin"]
+    if variant in SIDECAR_VARIANTS:
+        inners.append(f"datasets/{name}/fineweb_val_bytes_000000.bin")
     inners += [f"datasets/{name}/fineweb_train_{i:06d}.bin" for i in range(n_train)]
     shards = [Item(i, data_dir / i, True) for i in inners]
-    return shards + [Item(f"tokenizers/fineweb_{vocab}_bpe.{ext}", data_dir / "tokenizers" / f"fineweb_{vocab}_bpe.{ext}",
-                          False) for ext in ("model", "vocab")]
+    tok = f"fineweb_{vocab}_bpe{suffix}"
+    return shards + [Item(f"tokenizers/{tok}.{ext}", data_dir / "tokenizers" / f"{tok}.{ext}", False)
+                     for ext in ("model", "vocab")]
 
 
 def check_token_totals(items: list[Item], stats: dict, files_train: int) -> None:
     """Warn when complete splits do not add up to the manifest's token counts (a warning: the hub's manifest and
     shards have been re-exported separately before, #837)."""
     for split, want_files in (("val", None), ("train", files_train)):
-        got = [i for i in items if i.shard and f"fineweb_{split}_" in i.inner]
+        got = [i for i in items if i.shard and f"fineweb_{split}_" in i.inner and "fineweb_val_bytes_" not in i.inner]
         want = stats.get(f"tokens_{split}")
         if want is None or (want_files is not None and len(got) != want_files):
             continue
         total = sum(read_shard_header(i.dest) for i in got)
         if total != int(want):
             note(f"warning: the {split} shards hold {total:,} tokens, the manifest says {int(want):,}")
+
+
+def check_sidecars(items: list[Item]) -> None:
+    """Every byte sidecar must hold exactly one entry per token of its val shard (the trainer reads them in step)."""
+    for side in (i for i in items if i.shard and "/fineweb_val_bytes_" in i.inner):
+        val = side.dest.with_name(side.dest.name.replace("fineweb_val_bytes_", "fineweb_val_", 1))
+        n_side, n_val = read_shard_header(side.dest), read_shard_header(val)
+        if n_side != n_val:
+            raise DownloadError(f"{side.dest} has {n_side:,} entries but {val} has {n_val:,} tokens: the byte sidecar "
+                                "does not belong to this val shard; the hub copy is inconsistent, report it to the "
+                                "repo owner")
 
 
 def run(args: argparse.Namespace, hub: Hub, n_train: int, data_dir: Path) -> Counter:
@@ -375,6 +400,7 @@ def run(args: argparse.Namespace, hub: Hub, n_train: int, data_dir: Path) -> Cou
                     raise MissingOnHub(f"{e} (without the manifest the shard count is unknown: ask for fewer train "
                                        "shards, or drop --skip-manifest)") from None
                 raise
+    check_sidecars(items)
     if stats is not None:
         check_token_totals(items, stats, int(stats["files_train"]))
     if counts["copied"]:

@@ -72,15 +72,11 @@ class TinyRun:
 @pytest.fixture(scope="session")
 def tiny_run(tiny_dataset: TinyDataset, tmp_path_factory: pytest.TempPathFactory) -> TinyRun:
     """One real in-process training run of the toy stack (train, GPTQ, artifact, reload, all evals)."""
-    import contextlib
-
-    import torch
-
     import train_gpt
 
     out = tmp_path_factory.mktemp("tiny_run")
     cfg = train_gpt.Config(**TINY_TRAIN, data_path=str(tiny_dataset.data_dir), tokenizer_path=str(tiny_dataset.tokenizer),
                            out_dir=str(out), run_id="tiny", seed=7)
-    rt = train_gpt.Runtime(0, 1, 0, torch.device("cpu"), contextlib.nullcontext, torch.float32)
+    rt = train_gpt.Runtime()  # one CPU process, fp32, SDPA
     summary = train_gpt.run(cfg, rt)
     return TinyRun(out_dir=out, summary=summary, log=out / "logs" / "tiny.txt")

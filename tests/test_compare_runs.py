@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tools.compare_runs import focus_ylim, main
+from tools.runplots import default_labels, format_table, stage_key, tokenizer_warning
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -28,7 +29,8 @@ def test_table_and_png(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert "259,999" in rows["cpu_run"] and "2.28889*" in rows["cpu_run"]  # final stage marked
     assert "385.01" in rows["cpu_run"] and "72.90" in rows["naive"]
     assert "1.84223*" in rows["naive"] and "1,670,456" in rows["naive"]
-    assert "quantized_sliding_window" in text and "final_int8_zlib_roundtrip_exact" in text
+    assert "quantized sliding window" in text and "final int8 zlib roundtrip exact" in text  # normalized stages
+    assert "WARNING: different tokenizers" in text  # CPU run (vocab 1024 builtin) vs the baseline's SP1024
     assert out.read_bytes()[:8] == PNG_MAGIC
     assert [p.name for p in out.parent.iterdir()] == ["cmp.png"]  # no temp file left behind
 
@@ -55,3 +57,38 @@ def test_focus_ylim_hides_the_step0_spike() -> None:
     lo, hi = focus_ylim([9.0, 12.4, 4.1, 3.3, 3.2, 3.1, 3.0, 2.9])
     assert lo < 2.9 and 3.3 < hi < 9.0
     assert focus_ylim([1.0]) is None
+
+
+def _run(evals: dict[str, tuple[float, float]], vocab: int | None = 8192, val_points: int = 3) -> dict:
+    final = list(evals)[-1]
+    return dict(seed=1, steps=10, step_avg_ms=1.0, train_time_approx=False, bytes_total=1, final_label=final,
+                final_val_loss=evals[final][0], final_val_bpb=evals[final][1],
+                evals={k: dict(val_loss=v[0], val_bpb=v[1]) for k, v in evals.items()},
+                hyperparameters={"vocab_size": vocab} if vocab else {}, val=[{}] * val_points, train=[])
+
+
+def test_stage_names_share_one_column() -> None:
+    assert stage_key("diagnostic pre-quantization post-ema") == stage_key("pre-quantization post-ema")
+    assert stage_key("quantized_sliding_window") == stage_key("quantized sliding window")
+    a = _run({"pre-quantization post-ema": (2.8, 1.087), "quantized_ttt": (2.79, 1.0808)})
+    b = _run({"diagnostic pre-quantization post-ema": (2.8, 1.0871), "quantized_ttt": (2.79, 1.0809)})
+    head = format_table(["a", "b"], [a, b]).splitlines()[0]
+    assert head.count("pre-quantization post-ema") == 1 and "diagnostic" not in head
+
+
+def test_tokenizer_mismatch_warned_and_single_points_noted() -> None:
+    p = _run({"quantized_ttt": (2.7918, 1.0808)})  # 0.268 tokens/byte
+    n = _run({"quantized_ttt_phased": (2.3194, 1.0599)}, val_points=1)  # CaseOps: 0.317 tokens/byte
+    table = format_table(["P", "N"], [p, n])
+    assert "WARNING: different tokenizers" in table and "not comparable" in table
+    assert "single val point (drawn as a marker): N" in table
+    assert tokenizer_warning(["P", "P2"], [p, _run({"quantized_ttt": (2.7920, 1.0809)})]) is None
+    assert tokenizer_warning(["a", "b"], [p, _run({"x": (2.7918, 1.0808)}, vocab=1024)]) is not None
+
+
+def test_default_labels_are_short() -> None:
+    rec = Path("records/2026-04-09_SP8192_3LayerRecur_ParResid_QK525_LegalTTT/train_seed42.log")
+    rec2 = Path("records/2026-04-27_SP8192_LQER_SparseGate_BOSSmearFix_9HpStack_1.0611/train_seed42.log")
+    labels = default_labels([rec, rec2])
+    assert len(set(labels)) == 2 and all(len(lab) <= 18 for lab in labels) and "2026" not in "".join(labels)
+    assert default_labels([Path("x/run_seed1.txt"), Path("x/run_seed2.txt")]) == ["1", "2"]

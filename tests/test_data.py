@@ -13,6 +13,7 @@ import sentencepiece as spm
 
 import train_gpt
 from data import builtin_corpus, tokenize_docs
+from data.shards import write_shard
 from tools import bpb_audit
 
 # Text with multi-byte characters the tokenizer learns (é, ü), characters it never sees in training (emoji,
@@ -57,7 +58,7 @@ def test_shard_round_trip(tmp_path: Path) -> None:
     tokens = np.random.default_rng(0).integers(0, 2**16, size=10_001).astype(np.uint16)
     tokens[:2] = (0, 65535)
     path = tmp_path / "fineweb_train_000000.bin"
-    train_gpt.write_shard(path, tokens)
+    write_shard(path, tokens)
     assert path.stat().st_size == train_gpt.SHARD_HEADER_BYTES + 2 * tokens.size
     assert train_gpt.read_shard_header(path) == tokens.size
     np.testing.assert_array_equal(train_gpt.load_shard(path), tokens)
@@ -84,7 +85,7 @@ def _corrupt(path: Path, kind: str) -> None:
                                          ("extra", "truncated or corrupt"), ("short_header", "shorter than")])
 def test_bad_shard_errors_name_the_file(tmp_path: Path, kind: str, needle: str) -> None:
     path = tmp_path / f"fineweb_val_{kind}.bin"
-    train_gpt.write_shard(path, np.arange(100, dtype=np.uint16))
+    write_shard(path, np.arange(100, dtype=np.uint16))
     _corrupt(path, kind)
     with pytest.raises(train_gpt.ShardError, match=needle) as e:
         train_gpt.load_shard(path)
@@ -93,7 +94,7 @@ def test_bad_shard_errors_name_the_file(tmp_path: Path, kind: str, needle: str) 
 
 def test_token_id_beyond_vocab_names_the_file(tmp_path: Path) -> None:
     path = tmp_path / "fineweb_val_000000.bin"
-    train_gpt.write_shard(path, np.array([1, 5, 1024], dtype=np.uint16))
+    write_shard(path, np.array([1, 5, 1024], dtype=np.uint16))
     train_gpt.load_shard(path, vocab_size=1025)
     with pytest.raises(train_gpt.ShardError, match="token id 1024 >= vocab size 1024") as e:
         train_gpt.load_shard(path, vocab_size=1024)
@@ -183,7 +184,8 @@ def test_tokenizer_never_sees_val_unless_asked(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "b" / "manifest.json").read_text())["tokenizer_trained_on"] == "train+val"
 
 
-@pytest.mark.parametrize("case", ["missing", "bad_json", "no_text", "k_too_big", "vocab_tiny", "vocab_short"])
+@pytest.mark.parametrize("case", ["missing", "bad_json", "no_text", "k_too_big", "vocab_tiny", "vocab_short",
+                                  "caseops_vocab_tiny"])
 def test_tokenize_docs_errors(tmp_path: Path, capsys: pytest.CaptureFixture, case: str) -> None:
     docs = _write_docs(tmp_path / "docs.jsonl", ["alpha beta", "gamma delta", "epsilon"])
     vocab, k, needle = "300", "1", ""
@@ -202,8 +204,11 @@ def test_tokenize_docs_errors(tmp_path: Path, capsys: pytest.CaptureFixture, cas
     elif case == "vocab_short":  # above the 260 meta pieces but below them + the text's characters
         docs = _write_docs(tmp_path / "docs.jsonl", ["x"] + _pydoc_text(20_000))
         vocab, needle = "270", "vocab size 270 is too small for this text: SentencePiece needs at least"
+    elif case == "caseops_vocab_tiny":  # 4 more reserved ids: the operators
+        vocab, needle = "264", "more than 264 ids (4 special + 4 CaseOps operator + 256 byte pieces)"
     rc = tokenize_docs.main(["--docs", str(docs), "--vocab-size", vocab, "--num-val-docs", k,
-                             "--out", str(tmp_path / "out"), "--tokenizer-out", str(tmp_path / "tok")])
+                             "--out", str(tmp_path / "out"), "--tokenizer-out", str(tmp_path / "tok")]
+                            + ["--caseops"] * (case == "caseops_vocab_tiny"))
     err = capsys.readouterr().err
     assert rc == 2
     assert needle in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
@@ -322,7 +327,7 @@ def _val_dataset(tmp_path: Path, sp: spm.SentencePieceProcessor, val_tokens: lis
     out = tmp_path / "ds"
     tokenize_docs.export_dataset(VAL_DOCS + ["some train text"], sp, len(VAL_DOCS), out)
     if val_tokens is not None:
-        train_gpt.write_shard(out / "fineweb_val_000000.bin", np.array(val_tokens, dtype=np.uint16))
+        write_shard(out / "fineweb_val_000000.bin", np.array(val_tokens, dtype=np.uint16))
     return out
 
 
@@ -406,6 +411,18 @@ def test_audit_input_errors(tmp_path: Path, small_sp: spm.SentencePieceProcessor
 def test_tiny_dataset_fixture_passes_the_audit(tiny_dataset) -> None:
     r = bpb_audit.audit(tiny_dataset.data_dir, tiny_dataset.tokenizer, seq_len=1024)
     assert r.passed and r.lut_bytes == r.decoded_bytes and 20_000 <= r.scored_tokens <= 40_000
-    assert train_gpt.load_val_tokens(str(tiny_dataset.data_dir / "fineweb_val_*.bin"), 1024,
+    assert train_gpt.load_val_tokens(str(tiny_dataset.data_dir / train_gpt.VAL_GLOB), 1024,
                                      tiny_dataset.vocab_size).max() < tiny_dataset.vocab_size
     assert r.raw_doc_bytes is not None and r.decoded_bytes_all_val <= r.raw_doc_bytes
+
+
+def test_audit_refuses_a_tokenizer_the_manifest_does_not_name(tiny_dataset, small_sp: spm.SentencePieceProcessor,
+                                                             tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    other = _model_path(small_sp, tmp_path)  # a real tokenizer, just not the one these shards were made with
+    want = json.loads((tiny_dataset.data_dir / "manifest.json").read_text())["tokenizer_sha256"]
+    rc = bpb_audit.main(["--data-dir", str(tiny_dataset.data_dir), "--tokenizer", str(other), "--seq-len", "1024"])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and err.startswith("error: ")
+    assert tokenize_docs.file_sha256(other) in err and want in err
+    with pytest.raises(bpb_audit.AuditError, match="not the tokenizer these shards were made with"):
+        bpb_audit.audit(tiny_dataset.data_dir, other, seq_len=1024)

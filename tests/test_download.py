@@ -27,7 +27,8 @@ from urllib.parse import unquote
 import numpy as np
 import pytest
 
-from train_gpt import read_shard_header, write_shard
+from data.shards import write_shard
+from train_gpt import read_shard_header
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "data" / "cached_challenge_fineweb.py"
@@ -329,3 +330,78 @@ def test_unreachable_hub_cli_one_line_error_no_traceback(tmp_path):
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: cannot reach the Hugging Face hub at http://127.0.0.1:")
     assert KEV in last and "HF_ENDPOINT" in last and "--skip-manifest" in last
+
+
+# -----------------------------------------------------------------------------
+# the CaseOps variant: its own repo, tokenizer name and val byte sidecars
+# -----------------------------------------------------------------------------
+
+ROMEERP, CASEOPS = "romeerp/parameter-golf-caseops-v1", "sp8192_lossless_caps_caseops_v1_reserved"
+CASEOPS_DIR = f"fineweb10B_{CASEOPS}"
+CASEOPS_TOK = "fineweb_8192_bpe_lossless_caps_caseops_v1_reserved"
+
+
+def publish_caseops(hub: FakeHub, tmp: Path, n_train: int = 2, sidecar_entries: int = 300) -> dict[str, bytes]:
+    """The layout of the CaseOps export: upstream's exporter manifest (val_bytes_glob, text_transform), one val shard
+    with its byte sidecar, train shards, and the reserved-operator tokenizer."""
+    base = f"datasets/datasets/{CASEOPS_DIR}"
+    side = tmp / "sidecar.bin"
+    write_shard(side, np.random.default_rng(5).integers(0, 9, sidecar_entries, dtype=np.int64))
+    content = {f"{base}/fineweb_val_000000.bin": shard_bytes(tmp, 300, 100),
+               f"{base}/fineweb_val_bytes_000000.bin": side.read_bytes()}
+    for i in range(n_train):
+        content[f"{base}/fineweb_train_{i:06d}.bin"] = shard_bytes(tmp, 500 + i, i)
+    content[f"datasets/tokenizers/{CASEOPS_TOK}.model"] = b"caseops model"
+    content[f"datasets/tokenizers/{CASEOPS_TOK}.vocab"] = b"caseops vocab"
+    manifest = {"datasets": [{"name": CASEOPS_DIR, "tokenizer_name": "sp_bpe_8192_lossless_caps_caseops_v1_reserved",
+                              "val_glob": f"datasets/{CASEOPS_DIR}/fineweb_val_*.bin",
+                              "val_bytes_glob": f"datasets/{CASEOPS_DIR}/fineweb_val_bytes_*.bin",
+                              "stats": {"files_val": 1, "files_train": n_train, "tokens_val": 300,
+                                        "tokens_train": sum(500 + i for i in range(n_train))}}],
+                "tokenizers": [{"name": "sp_bpe_8192_lossless_caps_caseops_v1_reserved",
+                                "model_path": f"tokenizers/{CASEOPS_TOK}.model",
+                                "vocab_path": f"tokenizers/{CASEOPS_TOK}.vocab",
+                                "text_transform": "lossless_caps_caseops_v1"}]}
+    hub.repos.setdefault(ROMEERP, {}).update({**content, "datasets/manifest.json": json.dumps(manifest).encode()})
+    return content
+
+
+def test_caseops_variant_lands_with_its_sidecars(hub, env, tmp_path, capsys):
+    content = publish_caseops(hub, tmp_path)
+    assert run(env, "--variant", CASEOPS, "--train-shards", "2") == 0
+    assert f"dataset repo: {ROMEERP} (hosts {CASEOPS}" in capsys.readouterr().out
+    for remote, data in content.items():
+        assert local(env, remote).read_bytes() == data
+    ds = env / "datasets" / CASEOPS_DIR
+    assert sorted(p.name for p in ds.iterdir()) == ["fineweb_train_000000.bin", "fineweb_train_000001.bin",
+                                                     "fineweb_val_000000.bin", "fineweb_val_bytes_000000.bin"]
+    assert (env / "tokenizers" / f"{CASEOPS_TOK}.model").read_bytes() == b"caseops model"
+    # The sidecar is not counted as val tokens (no false "the val shards hold ... tokens" warning).
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_caseops_sidecar_corrupted_in_transfer_is_refetched(hub, env, tmp_path, capsys):
+    remote = f"datasets/datasets/{CASEOPS_DIR}/fineweb_val_bytes_000000.bin"
+    good = publish_caseops(hub, tmp_path)[remote]
+    hub.bad_once[(ROMEERP, remote)] = good[:-4]
+    assert run(env, "--variant", CASEOPS, "--train-shards", "1") == 0
+    assert local(env, remote).read_bytes() == good and hub.gets_of("fineweb_val_bytes_000000.bin") == 2
+    assert "fetching it again, bypassing the HF cache" in capsys.readouterr().err
+
+
+def test_caseops_sidecar_not_matching_its_val_shard_fails(hub, env, tmp_path, capsys):
+    publish_caseops(hub, tmp_path, sidecar_entries=299)  # a well-formed shard, one entry short
+    assert run(env, "--variant", CASEOPS, "--train-shards", "1") == 1
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]  # (the lines before it are the progress bar's)
+    assert last.startswith("error: ") and "fineweb_val_bytes_000000.bin has 299 entries but" in last
+    assert "has 300 tokens" in last and "Traceback" not in err
+
+
+def test_caseops_skip_manifest_derives_the_caseops_names(hub, env, tmp_path):
+    content = publish_caseops(hub, tmp_path)
+    del hub.repos[ROMEERP]["datasets/manifest.json"]
+    assert run(env, "--variant", CASEOPS, "--train-shards", "2", "--skip-manifest") == 0
+    for remote, data in content.items():
+        assert local(env, remote).read_bytes() == data
+    assert not any("manifest" in p for _, p in hub.requests)

@@ -3,7 +3,6 @@ the legality checker passing the real eval paths while catching illegal variants
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import json
@@ -19,13 +18,17 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import train_gpt
+from data.shards import write_shard
 from quant import encode_artifact, quantize_state_dict, save_artifact
 from tools import check_legality as cl
 from train_gpt import GPT, Config
 
 ROOT = Path(__file__).resolve().parent.parent
 CPU = torch.device("cpu")
-AMP = contextlib.nullcontext
+
+
+def EV(luts: tuple, batch_windows: int) -> train_gpt.EvalContext:  # noqa: N802
+    return train_gpt.EvalContext(luts, batch_windows)
 L, S, C = 32, 8, 64  # window, stride, TTT chunk
 N = 160  # targets: chunks 0..63, 64..127 and a partial 128..159
 TINY = dict(vocab_size=512, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, rope_dims=8, num_loops=1,
@@ -45,7 +48,7 @@ def one_torch_thread():
 @pytest.fixture(scope="module")
 def data(tiny_dataset) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
     """The first N+1 val tokens and the tokenizer's byte LUTs."""
-    val = train_gpt.load_val_tokens(str(tiny_dataset.data_dir / "fineweb_val_*.bin"), L, tiny_dataset.vocab_size)
+    val = train_gpt.load_val_tokens(str(tiny_dataset.data_dir / train_gpt.VAL_GLOB), L, tiny_dataset.vocab_size)
     sp = train_gpt.load_tokenizer(tiny_dataset.tokenizer, tiny_dataset.vocab_size)
     return val[: N + 1], train_gpt.build_byte_luts(sp, tiny_dataset.vocab_size)
 
@@ -75,7 +78,7 @@ def model(cfg: Config) -> GPT:
 def run_score(logits_fn, tokens: Tensor, starts: np.ndarray, stride: int, luts) -> tuple[Tensor, Tensor, Tensor]:
     n = tokens.numel() - 1
     nll, hits = torch.full((n,), float("nan"), dtype=torch.float64), torch.zeros(n, dtype=torch.int64)
-    sums = train_gpt.score_windows(logits_fn, tokens, starts, L, stride, luts, 64, CPU, AMP, nll, hits)
+    sums = train_gpt.score_windows(logits_fn, tokens, starts, L, stride, EV(luts, 64), nll, hits)
     return sums, nll, hits
 
 
@@ -96,9 +99,33 @@ def test_stride_equal_to_window_is_the_plain_eval(model: GPT, data) -> None:
     assert int(sums[1]) == N and hits.eq(1).all()
     assert int(sums[2]) == nbytes
     assert float(sums[0]) == pytest.approx(float(nll), rel=1e-6)
-    loss, bpb = train_gpt.evaluate(model.forward_logits, tokens, L, L, luts, 4, CPU, AMP)
+    loss, bpb = train_gpt.evaluate(model.forward_logits, tokens, L, L, EV(luts, 4))
     assert loss == pytest.approx(float(nll) / N, rel=1e-6)
     assert bpb == pytest.approx(float(nll) / math.log(2) / nbytes, rel=1e-6)
+
+
+def test_byte_sidecar_replaces_the_luts(model: GPT, data) -> None:
+    """A transformed tokenizer's val bytes come from the sidecar: target i (the token at stream position i) counts
+    val_bytes[i], in plain and sliding scoring alike; the loss is untouched."""
+    tokens, luts = data
+    val_bytes = torch.randint(0, 5, (tokens.numel(),))
+    for stride in (L, L // 2):
+        starts = train_gpt.window_starts(N, L, stride)
+        plain = train_gpt.score_windows(model.forward_logits, tokens, starts, L, stride, EV(luts, 64))
+        side = train_gpt.score_windows(model.forward_logits, tokens, starts, L, stride,
+                                       train_gpt.EvalContext(luts, 64, val_bytes=val_bytes))
+        assert int(side[2]) == int(val_bytes[1 : N + 1].sum()) and float(side[0]) == float(plain[0])
+
+
+def test_val_bytes_must_pair_with_the_val_shards(tmp_path: Path) -> None:
+    write_shard(tmp_path / "fineweb_val_000000.bin", np.arange(10, dtype=np.uint16))
+    assert train_gpt.load_val_bytes(tmp_path, 9) is None  # a plain dataset: the LUTs count
+    write_shard(tmp_path / "fineweb_val_bytes_000000.bin", np.full(10, 2, dtype=np.uint16))
+    assert train_gpt.load_val_bytes(tmp_path, 9).tolist() == [2] * 9  # cut like the val tokens
+    assert train_gpt.shard_files(str(tmp_path / train_gpt.VAL_GLOB)) == [str(tmp_path / "fineweb_val_000000.bin")]
+    write_shard(tmp_path / "fineweb_val_bytes_000000.bin", np.full(11, 2, dtype=np.uint16))
+    with pytest.raises(train_gpt.ShardError, match="do not pair"):
+        train_gpt.load_val_bytes(tmp_path, 9)
 
 
 @pytest.mark.parametrize("n", [N, N - 3])  # the second: a stream whose end is not on a stride boundary
@@ -132,8 +159,8 @@ def test_ttt_chunks_partition_targets_by_chunk(model: GPT, data) -> None:
 
 def test_ttt_with_lr_zero_equals_sliding(cfg: Config, model: GPT, data) -> None:
     tokens, luts = data
-    sliding = train_gpt.evaluate(model.forward_logits, tokens, L, S, luts, 4, CPU, AMP)
-    ttt = train_gpt.eval_ttt(copy.deepcopy(model), tokens, dataclasses.replace(cfg, ttt_lr=0.0), luts, 4, CPU, AMP)
+    sliding = train_gpt.evaluate(model.forward_logits, tokens, L, S, EV(luts, 4))
+    ttt = train_gpt.eval_ttt(copy.deepcopy(model), tokens, dataclasses.replace(cfg, ttt_lr=0.0), EV(luts, 4))
     assert ttt[0] == pytest.approx(sliding[0], rel=1e-12) and ttt[1] == pytest.approx(sliding[1], rel=1e-12)
 
 
@@ -154,9 +181,9 @@ def test_ttt_scores_before_adapting_and_never_trains_on_the_last_chunk(cfg: Conf
         events.append("score")
         return adapted.forward_logits(x)
 
-    ttt = train_gpt.eval_ttt(adapted, tokens, cfg, luts, 64, CPU, AMP, logits_fn)  # 64: one score call per chunk
+    ttt = train_gpt.eval_ttt(adapted, tokens, cfg, EV(luts, 64), logits_fn)  # 64: one score call per chunk
     assert events == ["score", "adapt 0", "score", "adapt 1", "score"]
-    sliding = train_gpt.evaluate(model.forward_logits, tokens, L, S, luts, 4, CPU, AMP)
+    sliding = train_gpt.evaluate(model.forward_logits, tokens, L, S, EV(luts, 4))
     assert abs(ttt[1] - sliding[1]) > 1e-6, "TTT with lr > 0 left the score unchanged: the lr-0 test proves nothing"
     # the same weights come from adapting on chunks 0..K-2 alone, with the cosine lr of STACK.md §D.3
     ref = copy.deepcopy(model)
@@ -164,7 +191,7 @@ def test_ttt_scores_before_adapting_and_never_trains_on_the_last_chunk(cfg: Conf
     for c in range(2):
         for group in opt.param_groups:
             group["lr"] = cfg.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / 2))
-        real_adapt(ref, opt, tokens, c, C, L, cfg.ttt_epochs, CPU, AMP)
+        real_adapt(ref, opt, tokens, c, C, L, cfg.ttt_epochs, EV(luts, 4))
     for (name, a), b in zip(adapted.state_dict().items(), ref.state_dict().values()):
         assert torch.equal(a, b), f"{name} differs from adapting on chunks 0..1 only"
 
@@ -213,8 +240,8 @@ def test_adapt_before_score_is_caught(cfg: Config, model: GPT, data) -> None:
         chunks = train_gpt.ttt_chunks(N, L, S, C)
         for c, starts in enumerate(chunks):
             if c < len(chunks) - 1:
-                train_gpt.adapt_on_chunk(m, opt, toks, c, C, L, cfg.ttt_epochs, CPU, AMP)
-            train_gpt.score_windows(m.forward_logits, toks, starts, L, S, luts, 4, CPU, AMP, nll, hits)
+                train_gpt.adapt_on_chunk(m, opt, toks, c, C, L, cfg.ttt_epochs, EV(luts, 4))
+            train_gpt.score_windows(m.forward_logits, toks, starts, L, S, EV(luts, 4), nll, hits)
         return nll, hits
 
     rows = cl.check_eval(adapt_then_score, tokens, cuts_for("ttt"), cfg.vocab_size, "ttt")
@@ -227,7 +254,7 @@ def test_noncausal_attention_is_caught(cfg: Config, model: GPT, data, monkeypatc
     """A window that attends to its future (a dropped causal mask) leaks later tokens into earlier scores."""
     tokens, luts = data
 
-    def bidirectional(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def bidirectional(q: Tensor, k: Tensor, v: Tensor, fa3: object = None) -> Tensor:
         return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                               enable_gqa=True).transpose(1, 2)
 
@@ -250,11 +277,11 @@ def test_rescoring_is_caught(cfg: Config, model: GPT, data) -> None:
         nll, hits = torch.full((N,), float("nan"), dtype=torch.float64), torch.zeros(N, dtype=torch.int64)
         chunks = train_gpt.ttt_chunks(N, L, S, C)
         for c, starts in enumerate(chunks):
-            train_gpt.score_windows(m.forward_logits, toks, starts, L, S, luts, 4, CPU, AMP, nll, hits)
+            train_gpt.score_windows(m.forward_logits, toks, starts, L, S, EV(luts, 4), nll, hits)
             if c < len(chunks) - 1:
-                train_gpt.adapt_on_chunk(m, opt, toks, c, C, L, cfg.ttt_epochs, CPU, AMP)
+                train_gpt.adapt_on_chunk(m, opt, toks, c, C, L, cfg.ttt_epochs, EV(luts, 4))
                 again = nll.clone()
-                train_gpt.score_windows(m.forward_logits, toks, starts, L, S, luts, 4, CPU, AMP, again, hits)
+                train_gpt.score_windows(m.forward_logits, toks, starts, L, S, EV(luts, 4), again, hits)
                 nll = torch.minimum(nll, again)
         return nll, hits
 

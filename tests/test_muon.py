@@ -133,6 +133,43 @@ def _rank_worker(rank: int, store_path: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+def test_muon_step_allocates_nothing_after_the_first() -> None:
+    """Record P allocates its exchange buffer once; ours did a zeros() and a zeros_like() per step. After the first
+    step (which creates the momentum buffers), a step calls no tensor factory and reuses the same buffers."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    factories = {torch.ops.aten.zeros.default, torch.ops.aten.zeros_like.default, torch.ops.aten.empty_like.default,
+                 torch.ops.aten.full.default, torch.ops.aten.new_zeros.default}
+    params = [torch.nn.Parameter(rand(32, 64, seed=i)) for i in range(3)]
+    opt = Muon(params, lr=0.02, momentum=0.95, ns_steps=5, weight_decay=0.0, row_normalize=True)
+
+    class Factories(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+            if func in factories:
+                self.seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    for p in params:
+        p.grad = rand(32, 64, seed=7)
+    opt.step()
+    buffers = [opt.state[p]["momentum_buffer"] for p in params]
+    flat = opt.flat[0].data_ptr()
+    with Factories() as spy:
+        opt.step()
+    assert spy.seen == []
+    assert [opt.state[p]["momentum_buffer"] for p in params] == buffers and opt.flat[0].data_ptr() == flat
+
+
+def test_adamw_is_the_fused_kernel() -> None:
+    """Record P uses fused AdamW for the embedding and the scalars; torch has a fused kernel on CPU too."""
+    opts = Optimizers(GPT(Config(**TINY)), Config(**TINY))
+    assert opts.embed.defaults["fused"] is True and opts.scalar.defaults["fused"] is True
+
+
 def test_two_gloo_ranks_match_one_process(tmp_path: Path) -> None:
     ctx = mp.start_processes(_rank_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=False,
                              start_method="spawn")

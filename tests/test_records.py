@@ -7,7 +7,6 @@ session (fixtures `tiny_runs`, `record`); every check_record case mutates a copy
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import re
 import shutil
@@ -35,8 +34,7 @@ def tiny_runs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     """OUT_DIRs of two finished tiny CPU runs from the repo (train_gpt.py + quant/), in-process, one thread."""
     root = tmp_path_factory.mktemp("record_runs")
     data, tok, vocab = build_record.smoke_dataset(root)
-    rt = train_gpt.Runtime(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"),
-                           amp=contextlib.nullcontext, ns_dtype=torch.float32)
+    rt = train_gpt.Runtime()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     dirs = []

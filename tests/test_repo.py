@@ -21,8 +21,9 @@ def test_readme_first_two_commands() -> None:
 
 
 def test_no_sys_path_edits() -> None:
-    offenders = [str(p.relative_to(ROOT)) for p in ROOT.rglob("*.py") if ".venv" not in p.parts
-                 and "sys.path.insert" in p.read_text(encoding="utf-8") and p.name != "test_repo.py"]
+    files = [p for d in ROOT.iterdir() if d.is_dir() and not d.name.startswith(".") for p in d.rglob("*.py")]
+    offenders = [str(p.relative_to(ROOT)) for p in [*files, ROOT / "train_gpt.py"]
+                 if "sys.path.insert" in p.read_text(encoding="utf-8") and p.name != "test_repo.py"]
     assert offenders == []
 
 
@@ -36,3 +37,17 @@ def test_requirements_pin_torch() -> None:
     reqs = (ROOT / "requirements.txt").read_text().split()
     assert "torch==2.13.0" in reqs  # installs the local CPU wheel here and PyPI's CUDA build on GPU machines
     assert not any(r.startswith("flash") for r in reqs)  # Hopper extras live in requirements-gpu.txt
+
+
+def requirement_names(path: Path) -> list[str]:
+    return [line.split("#")[0].strip() for line in path.read_text().splitlines()
+            if line.split("#")[0].strip() and not line.startswith("-")]
+
+
+def test_gpu_requirements_pin_one_torch_with_its_fa3_wheel_and_the_same_rest() -> None:
+    """One GPU install story: torch 2.9.1+cu128 and the FA3 wheel index built for exactly it (cu128_torch291);
+    every other dependency identical to requirements.txt."""
+    gpu, cpu = requirement_names(ROOT / "requirements-gpu.txt"), requirement_names(ROOT / "requirements.txt")
+    assert [r for r in gpu if r.startswith("torch")] == ["torch==2.9.1+cu128"] and "flash_attn_3" in gpu
+    assert "cu128_torch291" in (ROOT / "requirements-gpu.txt").read_text()
+    assert [r for r in gpu if not r.startswith(("torch", "flash_attn"))] == [r for r in cpu if not r.startswith("torch")]

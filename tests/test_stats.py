@@ -100,3 +100,42 @@ def test_seeds_needed_unreachable_says_so() -> None:
     assert "unreachable" in plan.message and "50" in plan.message
     with pytest.raises(ValueError, match="2 seeds"):
         seeds_needed(0.001, 0.001, 1, 0.01)
+
+
+def _write_log(path, seed: int, loss: float, bpb: float) -> None:
+    """A minimal record-format log: a seed line and the final TTT eval line (project fixture, written here)."""
+    path.write_text(f"Hyperparameters:\n  seed: {seed}\n  vocab_size: 8192\n"
+                    f"quantized_ttt val_loss:{loss:.8f} val_bpb:{bpb:.8f} eval_time:1000ms\n")
+
+
+def test_cli_welch_between_two_folders(tmp_path, capsys) -> None:
+    from tools.stats import main
+
+    ref, cand = tmp_path / "ref", tmp_path / "cand"
+    ref.mkdir()
+    cand.mkdir()
+    tpb = 0.268
+    for i, (r, c) in enumerate(((1.0808, 1.0760), (1.0810, 1.0763), (1.0812, 1.0758))):
+        _write_log(ref / f"train_seed{i}.log", i, r * math.log(2) / tpb, r)
+        _write_log(cand / f"train_seed{i}.log", i, c * math.log(2) / tpb, c)
+    assert main(["--candidate", str(cand), "--reference", str(ref)]) == 0
+    out = capsys.readouterr().out
+    expected = welch_one_sided([1.0760, 1.0763, 1.0758], [1.0808, 1.0810, 1.0812], nats_to_bpb(0.005, tpb))
+    assert f"p = {expected.p:.2g}" in out and f"t = {expected.t:.3f}" in out
+    assert "required margin 0.00193 bpb (= 0.005 nats)" in out and "significant at p < 0.01" in out
+    assert "NOT significant" not in out
+
+
+def test_cli_errors_are_one_line(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    one = tmp_path / "one"
+    one.mkdir()
+    _write_log(one / "a.log", 1, 2.79, 1.08)
+    proc = subprocess.run([sys.executable, "-m", "tools.stats", "--candidate", str(one), "--reference", str(one)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "at least 2 logs" in proc.stderr and "Traceback" not in proc.stderr
+    helped = subprocess.run([sys.executable, "tools/stats.py", "--help"], capture_output=True, text=True,
+                            cwd=__import__("pathlib").Path(__file__).resolve().parent.parent)
+    assert helped.returncode == 0 and "--candidate" in helped.stdout

@@ -20,16 +20,15 @@ import pytest
 import torch
 
 import train_gpt
+from data.shards import write_shard
 from train_gpt import (
     GPT,
     Config,
     Optimizers,
+    Schedule,
     ShardError,
     ShuffledSequenceLoader,
-    lr_multiplier,
-    muon_momentum_at,
     train_step,
-    write_shard,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -119,14 +118,14 @@ def test_import_has_no_side_effects(tmp_path: Path) -> None:
 # --- Config ----------------------------------------------------------------------------------------------------------
 
 CONFIG_FIELDS = {  # adding a knob is a deliberate two-line edit: the field and this set (STYLE_ANCHORS §3.2)
-    "adam_eps", "adam_wd", "beta1", "beta2", "compile", "compressor", "data_dir", "data_path", "ema_decay",
+    "adam_eps", "adam_wd", "attention", "beta1", "beta2", "compile", "compressor", "data_dir", "data_path", "ema_decay",
     "embed_bits", "embed_clip_sigmas", "embed_wd", "enable_looping_at", "eval_seq_len", "eval_stride",
     "gptq_calibration_batches", "gptq_reserve_seconds", "grad_accum_steps", "grad_clip_norm", "iterations",
     "ln_scale", "logit_softcap", "loop_end", "loop_start", "matrix_bits", "matrix_clip_sigmas", "matrix_lr",
     "max_wallclock_seconds", "min_lr", "mlp_leaky_slope", "mlp_mult", "model_dim", "muon_backend_steps",
     "muon_momentum", "muon_momentum_warmup_start", "muon_momentum_warmup_steps", "muon_row_normalize", "muon_wd",
     "num_heads", "num_kv_heads", "num_layers", "num_loops", "out_dir", "parallel_residual_start", "passthrough_numel",
-    "qk_gain_init",
+    "precision", "qk_gain_init",
     "rope_base", "rope_dims", "run_id", "scalar_lr", "seed", "skip_gates_enabled", "sliding_window_enabled",
     "tied_embed_init_std", "tied_embed_lr", "tokenizer_path", "train_batch_tokens", "train_log_every",
     "train_seq_len", "ttt_chunk_tokens", "ttt_enabled", "ttt_epochs", "ttt_lr", "ttt_momentum", "val_batch_tokens",
@@ -201,23 +200,41 @@ def test_invalid_combinations_raise(kwargs: dict, msg: str) -> None:
 # --- schedules -------------------------------------------------------------------------------------------------------
 
 def test_lr_multiplier_flat_then_linear_warmdown() -> None:
-    assert lr_multiplier(0.0, 0.72, 0.0) == 1.0
-    assert lr_multiplier(0.27, 0.72, 0.0) == 1.0
-    assert lr_multiplier(0.28, 0.72, 0.0) == pytest.approx(1.0)  # warmdown starts at 1 - 0.72: continuous
-    assert lr_multiplier(0.64, 0.72, 0.0) == pytest.approx(0.5)
-    assert lr_multiplier(1.0, 0.72, 0.0) == 0.0
-    assert lr_multiplier(0.9, 0.72, 0.1) == pytest.approx(0.1 / 0.72)
-    assert lr_multiplier(0.95, 0.72, 0.1) == 0.1 and lr_multiplier(1.0, 0.72, 0.1) == 0.1  # MIN_LR floor
-    values = [lr_multiplier(i / 1000, 0.72, 0.0) for i in range(1001)]
+    lr_mul = Schedule(Config(warmdown_frac=0.72, min_lr=0.0)).lr_mul
+    assert lr_mul(0.0) == 1.0
+    assert lr_mul(0.27) == 1.0
+    assert lr_mul(0.28) == pytest.approx(1.0)  # warmdown starts at 1 - 0.72: continuous
+    assert lr_mul(0.64) == pytest.approx(0.5)
+    assert lr_mul(1.0) == 0.0
+    floored = Schedule(Config(warmdown_frac=0.72, min_lr=0.1)).lr_mul
+    assert floored(0.9) == pytest.approx(0.1 / 0.72)
+    assert floored(0.95) == 0.1 and floored(1.0) == 0.1  # MIN_LR floor
+    values = [lr_mul(i / 1000) for i in range(1001)]
     assert all(a >= b for a, b in zip(values, values[1:]))  # non-increasing
 
 
 def test_muon_momentum_warmup() -> None:
-    assert muon_momentum_at(0, 0.92, 0.99, 1500) == 0.92
-    assert muon_momentum_at(750, 0.92, 0.99, 1500) == pytest.approx(0.955)
-    assert muon_momentum_at(1500, 0.92, 0.99, 1500) == pytest.approx(0.99)
-    assert muon_momentum_at(4000, 0.92, 0.99, 1500) == pytest.approx(0.99)
-    assert muon_momentum_at(0, 0.92, 0.99, 0) == 0.99  # no warmup
+    momentum = Schedule(Config(muon_momentum_warmup_start=0.92, muon_momentum=0.99)).muon_momentum
+    assert momentum(0) == 0.92
+    assert momentum(750) == pytest.approx(0.955)
+    assert momentum(1500) == pytest.approx(0.99)
+    assert momentum(4000) == pytest.approx(0.99)
+    assert Schedule(Config(muon_momentum_warmup_steps=0)).muon_momentum(0) == 0.99  # no warmup
+
+
+def test_schedule_as_data() -> None:
+    """Record P's numbers: 600 s - 12 s reserve = 588,000 ms; progress from time; looping from 35% on, never off;
+    TTT LR cosine from 0.005 to 0 over 1,238 chunks; calibration gets what the loop left of the 600 s."""
+    s = Schedule(Config())
+    assert s.cap_ms == 588_000.0
+    assert s.frac(10, 294_000.0) == 0.5
+    assert [s.looping(f) for f in (0.0, 0.3499, 0.35, 0.99)] == [False, False, True, True]
+    assert not Schedule(Config(num_loops=0)).looping(0.9)
+    assert s.ttt_lr(0, 1238) == 0.005 and s.ttt_lr(1237, 1238) == pytest.approx(0.0, abs=1e-12)
+    assert s.ttt_lr(618, 1237) == pytest.approx(0.0025)
+    assert s.calibration_seconds(588_047.0) == pytest.approx(11.953)
+    uncapped = Schedule(Config(max_wallclock_seconds=0, iterations=200))
+    assert uncapped.cap_ms == 0 and uncapped.frac(50, 1e9) == 0.25 and uncapped.calibration_seconds(1e9) == math.inf
 
 
 def test_optimizers_set_schedule_scales_every_group() -> None:
@@ -384,9 +401,7 @@ def golden_trace(data_dir: Path) -> list[float]:
         frac = step / cfg.iterations
         if frac >= cfg.enable_looping_at:
             model.looping = True
-        opts.set_schedule(lr_multiplier(frac, cfg.warmdown_frac, cfg.min_lr),
-                          muon_momentum_at(step, cfg.muon_momentum_warmup_start, cfg.muon_momentum,
-                                           cfg.muon_momentum_warmup_steps))
+        opts.set_schedule(Schedule(cfg).lr_mul(frac), Schedule(cfg).muon_momentum(step))
         batches = [loader.next_batch(micro_seqs) for _ in range(accum)]
         losses.append(train_step(model, opts, batches, cfg.grad_clip_norm, contextlib.nullcontext).item())
     return losses
@@ -446,8 +461,7 @@ def test_wallclock_capped_run(tiny_dataset, tmp_path: Path) -> None:
                  train_batch_tokens=1024, grad_accum_steps=1, val_batch_tokens=16384, eval_stride=32,
                  gptq_calibration_batches=2, ttt_enabled=False, sliding_window_enabled=False,
                  passthrough_numel=4096)  # fc, mlp.proj (64x256) and tok_emb (512x64) go through GPTQ
-    rt = train_gpt.Runtime(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"),
-                           amp=contextlib.nullcontext, ns_dtype=torch.float32)
+    rt = train_gpt.Runtime()
     summary = train_gpt.run(cfg, rt)
 
     raw = (tmp_path / "logs" / "wallclock.txt").read_bytes()

@@ -1,6 +1,8 @@
 """Independent check of the bpb denominator: decode the scored val tokens to text and count UTF-8 bytes.
 
     python tools/bpb_audit.py --data-dir data/datasets/builtin_sp1024 --tokenizer data/tokenizers/builtin_1024_bpe.model
+    python tools/bpb_audit.py --data-dir data/datasets/builtin_caseops_sp1024 \
+        --tokenizer data/tokenizers/builtin_caseops_1024_bpe.model
 
 The trainer's byte count (STACK.md §0) comes from per-piece lookup tables (train_gpt.build_byte_luts and
 target_bytes). This tool takes exactly the tokens the trainer scores (train_gpt.load_val_tokens: the tail partial
@@ -9,6 +11,10 @@ with sp.decode and counts the bytes of the text. Where the two rules legitimatel
 listed as a named reconciliation term with its counts; PASS only if every doc's LUT bytes equal its decoded
 bytes after those terms. Exit 0 PASS, 1 FAIL, 2 bad input. Wrong byte counts have produced fake records
 upstream (issue #897: no standalone '▁' piece; Scylla #1271: byte-fallback counted as U+FFFD).
+
+A dataset with a byte sidecar (fineweb_val_bytes_*.bin, CaseOps) is scored from it, not the LUT, so then the audit
+proves the sidecar (data/sidecar.py): each val doc's sidecar sum equals the UTF-8 bytes of its decoded, inverse-
+transformed text, and so does the trainer's scored-range sum. A tokenizer not named by manifest.json is refused.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import sentencepiece as spm
 import torch
 
 import train_gpt
+from data import caseops, sidecar
 from data.tokenize_docs import file_sha256
 
 
@@ -55,7 +62,6 @@ class AuditResult:
     mismatches: list[tuple[int, int, int, str]] = field(default_factory=list)  # (doc, lut, reconciled, text head)
     decoded_bytes_all_val: int = 0  # every val doc decoded, untruncated
     raw_doc_bytes: int | None = None  # manifest.json: UTF-8 bytes of the raw val doc texts
-    warnings: list[str] = field(default_factory=list)
 
     @property
     def reconciled_bytes(self) -> int:
@@ -75,10 +81,8 @@ def _utf8_len(texts: list[str]) -> np.ndarray:
     return np.array([len(t.encode("utf-8")) for t in texts], dtype=np.int64)
 
 
-def audit(data_dir: str | Path, tokenizer: str | Path, seq_len: int = 2048, vocab_size: int | None = None,
-          max_mismatches: int = 5) -> AuditResult:
-    """Count the scored val bytes twice (LUT and decoded text) and reconcile; see the module docstring."""
-    data_dir, tokenizer = Path(data_dir), Path(tokenizer)
+def load_inputs(data_dir: Path, tokenizer: Path) -> tuple[spm.SentencePieceProcessor, dict]:
+    """The tokenizer and the dataset's manifest.json ({} if none); refuses a tokenizer the manifest does not name."""
     if not data_dir.is_dir():
         raise AuditError(f"{data_dir}: no such dataset dir")
     if not tokenizer.is_file():
@@ -88,9 +92,23 @@ def audit(data_dir: str | Path, tokenizer: str | Path, seq_len: int = 2048, voca
     except (OSError, RuntimeError) as e:
         raise AuditError(f"{tokenizer}: not a SentencePiece model ({str(e).splitlines()[0]})") from None
     manifest_path = data_dir / "manifest.json"
-    manifest = json.loads(manifest_path.read_text(encoding="utf-8")) if manifest_path.is_file() else {}
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8")) if manifest_path.is_file() else {}
+    except (OSError, ValueError) as e:
+        raise AuditError(f"{manifest_path}: not readable JSON ({e})") from None
+    if (want := manifest.get("tokenizer_sha256")) and want != (got := file_sha256(tokenizer)):
+        raise AuditError(f"{tokenizer} has sha256 {got}, but {manifest_path} names tokenizer_sha256 {want}: "
+                         f"not the tokenizer these shards were made with")
+    return sp, manifest
+
+
+def audit(data_dir: str | Path, tokenizer: str | Path, seq_len: int = 2048, vocab_size: int | None = None,
+          max_mismatches: int = 5) -> AuditResult:
+    """Count the scored val bytes twice (LUT and decoded text) and reconcile; see the module docstring."""
+    data_dir, tokenizer = Path(data_dir), Path(tokenizer)
+    sp, manifest = load_inputs(data_dir, tokenizer)
     vocab_size = vocab_size or manifest.get("vocab_size") or sp.vocab_size()
-    pattern = str(data_dir / "fineweb_val_*.bin")
+    pattern = str(data_dir / sidecar.VAL_TOKEN_GLOB)
     try:
         tokens = train_gpt.load_val_tokens(pattern, seq_len, vocab_size).numpy()
         full = np.concatenate([train_gpt.load_shard(f, vocab_size) for f in train_gpt.shard_files(pattern)])
@@ -99,9 +117,6 @@ def audit(data_dir: str | Path, tokenizer: str | Path, seq_len: int = 2048, voca
         raise AuditError(str(e)) from None
     if sp.vocab_size() < vocab_size and int(full.max()) >= sp.vocab_size():
         raise AuditError(f"val tokens use id {int(full.max())} but {tokenizer} has only {sp.vocab_size()} pieces")
-    warnings = []
-    if (want := manifest.get("tokenizer_sha256")) and want != file_sha256(tokenizer):
-        warnings.append(f"{tokenizer} is not the tokenizer manifest.json names ({manifest.get('tokenizer')})")
 
     # The trainer's count, through the trainer's own functions.
     t = torch.from_numpy(tokens)
@@ -167,12 +182,11 @@ def audit(data_dir: str | Path, tokenizer: str | Path, seq_len: int = 2048, voca
         seq_len=seq_len, vocab_size=vocab_size, val_tokens=int(full.size), scored_tokens=int(targets.size),
         docs=int(starts.size), last_doc_truncated=bool(full.size > tokens.size and full[tokens.size] != train_gpt.BOS_ID),
         lut_bytes=int(per_token.sum()), decoded_bytes=int(decoded_per_doc.sum()), terms=[lead, bad_runs],
-        mismatches=mismatches, decoded_bytes_all_val=decoded_all, raw_doc_bytes=raw, warnings=warnings)
+        mismatches=mismatches, decoded_bytes_all_val=decoded_all, raw_doc_bytes=raw)
 
 
 def report(r: AuditResult, data_dir: Path) -> str:
     lines = [f"bpb_audit: {data_dir}  (seq_len {r.seq_len}, vocab {r.vocab_size})"]
-    lines += [f"warning: {w}" for w in r.warnings]
     lines += [
         f"scored tokens:                 {r.scored_tokens:>12,}  (of {r.val_tokens:,} val tokens; "
         f"{r.val_tokens - r.scored_tokens:,} dropped by the seq_len truncation, incl. the unscored first BOS)",
@@ -205,18 +219,30 @@ def report(r: AuditResult, data_dir: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data-dir", type=Path, required=True, help="dataset dir with fineweb_val_*.bin")
+    ap.add_argument("--data-dir", type=Path, required=True,
+                    help="dataset dir with fineweb_val_*.bin (and fineweb_val_bytes_*.bin for a sidecar dataset)")
     ap.add_argument("--tokenizer", type=Path, required=True, help="SentencePiece .model the shards were made with")
     ap.add_argument("--seq-len", type=int, default=2048, help="eval sequence length (sets the val truncation)")
     ap.add_argument("--vocab-size", type=int, default=None,
                     help="the trainer's VOCAB_SIZE (LUT size; default: manifest.json's, else the tokenizer's)")
+    ap.add_argument("--transform", choices=("auto", caseops.TRANSFORM_NAME, "identity"), default="auto",
+                    help="sidecar datasets: the text transform to invert (auto: manifest.json, else CaseOps if the "
+                         "tokenizer has its operator pieces)")
     args = ap.parse_args(argv)
     try:
-        result = audit(args.data_dir, args.tokenizer, args.seq_len, args.vocab_size)
+        if sidecar.sidecar_files(args.data_dir):
+            sp, manifest = load_inputs(args.data_dir, args.tokenizer)
+            try:
+                result = sidecar.audit_sidecar(args.data_dir, sp, args.seq_len, args.vocab_size, args.transform, manifest)
+            except (FileNotFoundError, ValueError) as e:  # ShardError is a ValueError
+                raise AuditError(str(e)) from None
+            print("\n".join([f"bpb_audit: {args.data_dir}  (seq_len {args.seq_len})", *sidecar.report_lines(result)]))
+        else:
+            result = audit(args.data_dir, args.tokenizer, args.seq_len, args.vocab_size)
+            print(report(result, args.data_dir))
     except AuditError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(report(result, args.data_dir))
     return 0 if result.passed else 1
 
 

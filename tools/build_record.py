@@ -553,6 +553,7 @@ def smoke_dataset(work: Path) -> tuple[Path, Path, int]:
     import numpy as np
 
     import train_gpt
+    from data.shards import write_shard
     builtin, tok = ROOT / "data/datasets/builtin_sp1024", ROOT / "data/tokenizers/builtin_1024_bpe.model"
     out = work / "smoke_data"
     out.mkdir(parents=True)
@@ -565,7 +566,7 @@ def smoke_dataset(work: Path) -> tuple[Path, Path, int]:
         builtin, tok = work / "pydoc_sp512", work / "pydoc_512_bpe.model"
     for split, n in (("train", SMOKE_TRAIN_TOKENS), ("val", SMOKE_VAL_TOKENS)):
         tokens = np.concatenate([train_gpt.load_shard(p) for p in sorted(builtin.glob(f"fineweb_{split}_*.bin"))])
-        train_gpt.write_shard(out / f"fineweb_{split}_000000.bin", tokens[:n])
+        write_shard(out / f"fineweb_{split}_000000.bin", tokens[:n])
     import sentencepiece as spm
     return out, tok, spm.SentencePieceProcessor(model_file=str(tok)).vocab_size()
 

@@ -25,7 +25,6 @@ pre-eval-TTT, rescoring and n-gram-cache PRs (ECOSYSTEM.md §2.6); the perturbat
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import sys
@@ -188,8 +187,8 @@ class SlidingEval:
         L, S = self.cfg.eval_seq_len, self.cfg.eval_stride
         nll, hits = _buffers(tokens.numel() - 1)
         starts = train_gpt.window_starts(tokens.numel() - 1, L, S)
-        sums = train_gpt.score_windows(self.model.forward_logits, tokens, starts, L, S, self.luts, self.batch_windows,
-                                       CPU, contextlib.nullcontext, nll, hits)
+        sums = train_gpt.score_windows(self.model.forward_logits, tokens, starts, L, S,
+                                       train_gpt.EvalContext(self.luts, self.batch_windows), nll, hits)
         self.results.append(train_gpt.bpb_from_sums(sums))
         return nll, hits
 
@@ -211,8 +210,9 @@ class TTTEval:
     def __call__(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
         nll, hits = _buffers(tokens.numel() - 1)
         self.model = self.load_model()
-        self.results.append(train_gpt.eval_ttt(self.model, tokens, self.cfg, self.luts, self.batch_windows, CPU,
-                                               contextlib.nullcontext, nll_out=nll, hits_out=hits))
+        self.results.append(train_gpt.eval_ttt(self.model, tokens, self.cfg,
+                                               train_gpt.EvalContext(self.luts, self.batch_windows), nll_out=nll,
+                                               hits_out=hits))
         return nll, hits
 
     def probe(self, tokens: Tensor) -> list[Scored]:
@@ -331,12 +331,11 @@ def main(argv: list[str] | None = None) -> int:
         if not cfg.dataset_dir.is_dir():
             raise CheckError(f"{cfg.dataset_dir}: no such dataset dir")
         try:
-            sp = train_gpt.load_tokenizer(cfg.tokenizer_file, cfg.vocab_size)
+            data = train_gpt.load_data(cfg)
         except RuntimeError:  # sentencepiece's parse error
             raise CheckError(f"{cfg.tokenizer_file}: not a SentencePiece model") from None
-        luts = train_gpt.build_byte_luts(sp, cfg.vocab_size)
+        luts, val = data.luts, data.val_tokens
         L, S, C = cfg.eval_seq_len, cfg.eval_stride, cfg.ttt_chunk_tokens
-        val = train_gpt.load_val_tokens(str(cfg.dataset_dir / "fineweb_val_*.bin"), L, cfg.vocab_size)
         if args.tokens is not None and args.tokens < L:
             raise CheckError(f"--tokens {args.tokens}: need at least one window of EVAL_SEQ_LEN={L}")
         n = min(args.tokens or C + L, val.numel() - 1) // L * L

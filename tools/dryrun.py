@@ -17,23 +17,11 @@ import sys
 import time
 from pathlib import Path
 
+from tools.envfile import read_env_file
+
 ROOT = Path(__file__).resolve().parent.parent
 
 LIMIT = 16_000_000
-
-
-def read_env_file(path: Path) -> dict[str, str]:
-    """KEY=VALUE lines; blank lines and # comments are skipped."""
-    env = {}
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        key, sep, value = line.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"{path}:{n}: expected KEY=VALUE, got {line!r}")
-        env[key.strip()] = value.strip()
-    return env
 
 
 def contract_line(val_bpb: float, bytes_total: int, seconds: float, record: Path) -> str:

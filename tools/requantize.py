@@ -10,17 +10,17 @@ given settings is quantized, packed and scored with the trainer's own model, loa
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
+import math
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 import train_gpt as tg
-from quant import ArtifactError, encode_artifact, quantize_state_dict, save_artifact
+from quant import ArtifactError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,11 +52,9 @@ def main(argv: list[str] | None = None) -> int:
         overrides["gptq_calibration_batches"] = args.calibration_batches
     try:
         cfg = tg.Config.from_summary(summary, **overrides)
-        sp = tg.load_tokenizer(cfg.tokenizer_file, cfg.vocab_size)
-        luts = tg.build_byte_luts(sp, cfg.vocab_size)
-        val = tg.load_val_tokens(str(cfg.dataset_dir / "fineweb_val_*.bin"), cfg.eval_seq_len, cfg.vocab_size)
-        train_files = tg.shard_files(str(cfg.dataset_dir / "fineweb_train_*.bin"))
-    except (OSError, ValueError, KeyError) as e:
+        rt = tg.setup_runtime(cfg)
+        run = tg.Run.from_checkpoint(cfg, rt, args.checkpoint)  # the trainer's own data, model and phases
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
         print(f"requantize: {e}", file=sys.stderr)
         return 2
     grid = list(itertools.product(args.matrix_bits or [cfg.matrix_bits], args.matrix_clip_sigmas or [cfg.matrix_clip_sigmas],
@@ -66,39 +64,28 @@ def main(argv: list[str] | None = None) -> int:
         print("requantize: --out takes a single setting (the sweep has several)", file=sys.stderr)
         return 2
 
-    rt = tg.setup_runtime()
-    model = tg.GPT(cfg).to(rt.device)
-    model.load_state_dict(torch.load(args.checkpoint, map_location=rt.device, weights_only=True), strict=True)
-    model.looping = cfg.num_loops > 0
-    accum = tg.grad_accum_steps(cfg, 1)  # batching exactly as a 1-rank trainer run, so scores reproduce
-    L, windows = cfg.eval_seq_len, max(1, cfg.val_batch_tokens // (accum * cfg.eval_seq_len))
-    micro = cfg.train_batch_tokens // (accum * cfg.train_seq_len)
     t = time.perf_counter()
-    loader = tg.ShuffledSequenceLoader(train_files, cfg.train_seq_len, cfg.vocab_size, cfg.seed)
-    batches = (loader.next_batch(micro)[0].to(rt.device) for _ in range(cfg.gptq_calibration_batches))
-    hessians, count = tg.collect_hessians(model, batches, cfg.passthrough_numel, rt.amp)
-    hessians = {k: (v / count).cpu() for k, v in hessians.items()}
-    print(f"collected {len(hessians)} Hessians from {count} batches in {time.perf_counter() - t:.1f}s")
-    float_loss, float_bpb = tg.evaluate(model.forward_logits, val, L, L, luts, windows, rt.device, rt.amp)
+    hessians = run.calibrate(seconds=math.inf)
+    print(f"collected {len(hessians)} Hessians from {cfg.gptq_calibration_batches} batches in "
+          f"{time.perf_counter() - t:.1f}s")
+    _, float_bpb = run.plain_eval(run.model.forward_logits)
     code_bytes = json.loads(summary.read_text()).get("bytes_code", 0)
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
     header = f"{'bits':>4} {'clip':>6} {'emb':>3} {'eclip':>6} {'codec':>6} {'model_bytes':>12} {'total':>12} {'fits':>4} "
     print(f"float (unquantized) val_bpb {float_bpb:.8f}  code bytes {code_bytes}  limit {tg.ARTIFACT_LIMIT_BYTES}")
     print(header + f"{'val_bpb':>11} {'gap':>9}")
     with tempfile.TemporaryDirectory() as tmp:
         for mbits, mclip, ebits, eclip, codec in grid:
-            qt = quantize_state_dict(state, hessians, matrix_bits=mbits, matrix_clip_sigmas=mclip, embed_bits=ebits,
-                                     embed_clip_sigmas=eclip, passthrough_numel=cfg.passthrough_numel, method=args.method)
+            variant = dataclasses.replace(cfg, matrix_bits=mbits, matrix_clip_sigmas=mclip, embed_bits=ebits,
+                                          embed_clip_sigmas=eclip, compressor=codec)
             path = args.out or Path(tmp) / "artifact.ptz"
-            save_artifact(path, encode_artifact(qt, codec=codec))
+            size = run.serialize(hessians, path, variant, method=args.method)
             try:
-                qmodel = tg.load_quantized_model(path, cfg, rt.device)
+                qmodel = tg.load_quantized_model(path, cfg, rt.device, rt.precision, rt.fa3)
             except ArtifactError as e:
                 print(f"requantize: {e}", file=sys.stderr)
                 return 1
-            _, bpb = tg.evaluate(qmodel.forward_logits, val, L, L, luts, windows, rt.device, rt.amp)
-            size = path.stat().st_size
+            _, bpb = run.plain_eval(qmodel.forward_logits)
             total = size + code_bytes
             fits = "yes" if total <= tg.ARTIFACT_LIMIT_BYTES else "NO"
             print(f"{mbits:>4} {mclip:>6g} {ebits:>3} {eclip:>6g} {codec:>6} {size:>12,} {total:>12,} {fits:>4} "

@@ -1,130 +1,95 @@
-"""Significance arithmetic for record claims (ECOSYSTEM.md §2.2); importable, pure functions.
+"""Is a candidate a record? One-sided Welch t-test of per-seed final val_bpb against a reference's, with the
+challenge's 0.005-nat margin converted to bits per byte at the reference's tokenizer.
 
-The challenge README asks for an improvement of at least 0.005 nats over the SOTA shown at p < 0.01. Records test
-it as a one-sided Welch t-test of the candidate's per-seed scores against the reference record's per-seed scores,
-with H1: mean(reference) - mean(candidate) > margin. The margin is in the scores' unit: for bpb scores convert the
-0.005-nat rule with nats_to_bpb (0.005 nats is ~0.0019 bpb at sp8192 but ~0.0030 bpb at sp1024).
+    python tools/stats.py --candidate runs/seed*/logs/*.txt --reference records/track_10min_16mb/<sota>/
+
+Each argument is a log file or a folder (its *.log and *.txt files, and those under logs/). The statistics live in
+tools/significance.py (importable: welch_one_sided, nats_to_bpb, tokens_per_byte, seeds_needed, mean_std, ...).
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+import argparse
+import sys
+from pathlib import Path
 
-from scipy.stats import t as student_t
-
-RECORD_MARGIN_NATS = 0.005  # README: beat the SOTA by >= 0.005 nats ...
-RECORD_ALPHA = 0.01  # ... at p < 0.01
-
-
-@dataclass(frozen=True)
-class WelchResult:
-    t: float  # ((mean_ref - mean_cand) - margin) / standard error
-    df: float  # Welch-Satterthwaite degrees of freedom
-    p: float  # one-sided: P(T >= t) under H0 (improvement == margin)
-    mean_candidate: float
-    mean_reference: float
-    std_candidate: float  # sample std (ddof=1)
-    std_reference: float
-    n_candidate: int
-    n_reference: int
-    margin: float
+from tools.parse_log import parse_log, read_log
+from tools.significance import (  # noqa: F401  (re-exported: tools.stats stays the import path)
+    RECORD_ALPHA,
+    RECORD_MARGIN_NATS,
+    Sample,
+    WelchResult,
+    format_welch,
+    mean_std,
+    nats_to_bpb,
+    record_margin_bpb,
+    seeds_needed,
+    tokens_per_byte,
+    welch_one_sided,
+)
 
 
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (ddof=1); needs at least two values."""
-    n = len(values)
-    if n < 2:
-        raise ValueError(f"need at least 2 values for a sample standard deviation, got {n}")
-    m = math.fsum(values) / n
-    return m, math.sqrt(math.fsum((v - m) ** 2 for v in values) / (n - 1))
+def log_files(paths: list[Path]) -> list[Path]:
+    """Files as given; folders expand to their *.log / *.txt files and those in a logs/ subfolder."""
+    out: list[Path] = []
+    for p in paths:
+        if p.is_dir():
+            found = sorted({*p.glob("*.log"), *p.glob("*.txt"), *p.glob("logs/*.txt"), *p.glob("logs/*.log")})
+            if not found:
+                raise ValueError(f"{p}: no *.log or *.txt files in this folder")
+            out += found
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise ValueError(f"{p}: no such file or folder")
+    return out
 
 
-def welch_t_df(delta: float, var_c: float, n_c: int, var_r: float, n_r: int) -> tuple[float, float]:
-    """t and Welch-Satterthwaite df for a mean difference `delta` (already minus the margin)."""
-    a, b = var_c / n_c, var_r / n_r
-    if a + b <= 0.0:
-        raise ValueError("both samples have zero variance: the t statistic is undefined")
-    t = delta / math.sqrt(a + b)
-    df = (a + b) ** 2 / (a * a / (n_c - 1) + b * b / (n_r - 1))
-    return t, df
+def load_sample(paths: list[Path], stage: str | None, warn) -> Sample:
+    """Final (or `stage`) val_bpb and val_loss of every log that has one; files without a score are reported."""
+    labels, bpb, loss = [], [], []
+    for f in log_files(paths):
+        run = parse_log(read_log(f))
+        ev = run["evals"].get(stage) if stage else (run["evals"].get(run["final_label"]) if run["final_label"] else None)
+        if not ev or ev.get("val_bpb") is None or ev.get("val_loss") is None:
+            warn(f"{f}: no {stage or 'final'} val_bpb/val_loss, skipped")
+            continue
+        labels.append(f"{f.name}" + (f" (seed {run['seed']})" if run["seed"] is not None else ""))
+        bpb.append(float(ev["val_bpb"]))
+        loss.append(float(ev["val_loss"]))
+    return Sample(labels, bpb, loss)
 
 
-def welch_one_sided(candidate: Sequence[float], reference: Sequence[float], margin: float = 0.0) -> WelchResult:
-    """One-sided Welch t-test of H1: mean(reference) - mean(candidate) > margin (lower score = better)."""
-    mc, sc = mean_std(candidate)
-    mr, sr = mean_std(reference)
-    t, df = welch_t_df((mr - mc) - margin, sc * sc, len(candidate), sr * sr, len(reference))
-    return WelchResult(t=t, df=df, p=float(student_t.sf(t, df)), mean_candidate=mc, mean_reference=mr,
-                       std_candidate=sc, std_reference=sr, n_candidate=len(candidate),
-                       n_reference=len(reference), margin=margin)
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="One-sided Welch t-test between two sets of logs (or folders of logs): "
+                                             "does the candidate beat the reference by the record margin at p < 0.01?")
+    ap.add_argument("--candidate", nargs="+", type=Path, required=True, help="candidate logs or folders")
+    ap.add_argument("--reference", nargs="+", type=Path, required=True, help="reference (SOTA) logs or folders")
+    ap.add_argument("--margin-nats", type=float, default=RECORD_MARGIN_NATS,
+                    help=f"required improvement in nats per token (default {RECORD_MARGIN_NATS}, the challenge's rule)")
+    ap.add_argument("--stage", help="eval label to compare (default: each log's final stage)")
+    args = ap.parse_args(argv)
+    warn = lambda msg: print(f"warning: {msg}", file=sys.stderr)
+    try:
+        cand = load_sample(args.candidate, args.stage, warn)
+        ref = load_sample(args.reference, args.stage, warn)
+        for name, s in (("candidate", cand), ("reference", ref)):
+            if len(s.bpb) < 2:
+                raise ValueError(f"the {name} needs scores from at least 2 logs, found {len(s.bpb)}")
+        margin = record_margin_bpb(ref, args.margin_nats)
+        result = welch_one_sided(cand.bpb, ref.bpb, margin)
+    except (ValueError, OSError) as e:
+        print(f"stats.py: error: {e}", file=sys.stderr)
+        return 2
+    for name, s in (("candidate", cand), ("reference", ref)):
+        print(f"{name}: " + ", ".join(f"{lab} {v:.5f}" for lab, v in zip(s.labels, s.bpb)))
+    tc, tr = cand.tokens_per_byte, ref.tokens_per_byte
+    if abs(tc / tr - 1) > 0.01:
+        print(f"note: tokens/byte differ (candidate {tc:.4f}, reference {tr:.4f}): different tokenizers; bpb is "
+              "comparable, the nats margin is converted at the reference's tokens/byte")
+    print(format_welch(result, args.margin_nats))
+    return 0
 
 
-def nats_to_bpb(delta_nats: float, tokens_per_byte: float) -> float:
-    """A per-token loss difference in nats as bits per byte: Δnats / ln 2 × tokens/byte."""
-    return delta_nats / math.log(2.0) * tokens_per_byte
-
-
-def tokens_per_byte(val_loss: float, val_bpb: float) -> float:
-    """The tokenizer's tokens/byte on the val set, recovered from one eval line (bpb = loss / ln 2 × tokens/byte)."""
-    return val_bpb * math.log(2.0) / val_loss
-
-
-@dataclass(frozen=True)
-class SeedPlan:
-    n: int | None  # smallest candidate seed count in 2..max_n reaching p < alpha; None = none does
-    p_at_n: float | None  # expected p at n
-    best_n: int  # the n in 2..max_n with the smallest expected p
-    best_p: float
-    p_limit: float  # expected p as n -> infinity: the reference's own seeds bound it
-    alpha: float
-    max_n: int
-
-    @property
-    def message(self) -> str:
-        if self.n is not None:
-            return f"{self.n} candidate seeds give an expected p = {self.p_at_n:.4g} < {self.alpha}"
-        why = (
-            "the reference's own spread keeps p >= alpha as n grows"
-            if self.p_limit >= self.alpha
-            else f"p < alpha needs more than {self.max_n} candidate seeds"
-        )
-        return (f"unreachable with 2..{self.max_n} candidate seeds: best expected p = {self.best_p:.4g} at "
-                f"n = {self.best_n}, p -> {self.p_limit:.4g} as n -> infinity ({why}); alpha = {self.alpha}")
-
-
-def seeds_needed(
-    observed_std_candidate: float,
-    observed_std_ref: float,
-    n_ref: int,
-    delta: float,
-    alpha: float = RECORD_ALPHA,
-    margin: float = 0.0,
-    max_n: int = 100,
-) -> SeedPlan:
-    """Smallest number of candidate seeds n (2..max_n) for which the one-sided Welch test, evaluated at the observed
-    improvement `delta` = mean_ref - mean_cand and the observed standard deviations, gives p < alpha.
-
-    p is not monotone in n: as the candidate's share of the variance vanishes, Welch's df falls towards n_ref - 1,
-    so every n in the range is evaluated rather than stopping at the asymptote."""
-    if n_ref < 2:
-        raise ValueError(f"the reference needs at least 2 seeds, got {n_ref}")
-    if max_n < 2:
-        raise ValueError(f"max_n must be >= 2, got {max_n}")
-    if observed_std_candidate < 0 or observed_std_ref < 0:
-        raise ValueError("standard deviations must be >= 0")
-    var_c, var_r, eff = observed_std_candidate**2, observed_std_ref**2, delta - margin
-    if var_r > 0:  # n -> inf: se -> std_ref / sqrt(n_ref), df -> n_ref - 1
-        p_limit = float(student_t.sf(eff / math.sqrt(var_r / n_ref), n_ref - 1))
-    else:
-        p_limit = 0.0 if eff > 0 else 1.0
-    best_n, best_p = 2, math.inf
-    for n in range(2, max_n + 1):
-        t, df = welch_t_df(eff, var_c, n, var_r, n_ref)
-        p = float(student_t.sf(t, df))
-        if p < best_p:
-            best_n, best_p = n, p
-        if p < alpha:
-            return SeedPlan(n=n, p_at_n=p, best_n=n, best_p=p, p_limit=p_limit, alpha=alpha, max_n=max_n)
-    return SeedPlan(n=None, p_at_n=None, best_n=best_n, best_p=best_p, p_limit=p_limit, alpha=alpha, max_n=max_n)
+if __name__ == "__main__":
+    sys.exit(main())
