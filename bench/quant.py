@@ -496,47 +496,40 @@ class CheckpointInputs:
 
 
 def checkpoint_inputs(checkpoint: Path, summary: Path) -> CheckpointInputs:
-    """Everything the checkpoint mode needs, from a trained checkpoint and its run_summary.json."""
+    """Everything the checkpoint mode needs, from a trained checkpoint and its run_summary.json, through the
+    trainer's own phases: `Run.from_checkpoint`, `Run.calibrate` (the run's calibration batches, no time limit) and
+    the plain eval of `Run.plain_eval` on the model with each state dict loaded."""
+    import math
+
     import train_gpt as tg
 
     cfg = tg.Config.from_summary(summary)
-    run = json.loads(summary.read_text())
-    sp = tg.load_tokenizer(cfg.tokenizer_file, cfg.vocab_size)
-    luts = tg.build_byte_luts(sp, cfg.vocab_size)
-    val = tg.load_val_tokens(str(cfg.dataset_dir / tg.VAL_GLOB), cfg.eval_seq_len, cfg.vocab_size)
-    train_files = tg.shard_files(str(cfg.dataset_dir / "fineweb_train_*.bin"))
-    rt = tg.setup_runtime()
-    L, accum = cfg.eval_seq_len, tg.grad_accum_steps(cfg, 1)
-    windows = max(1, cfg.val_batch_tokens // (accum * L))
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    run_summary = json.loads(summary.read_text())
+    rt = tg.setup_runtime(cfg)
+    run = tg.Run.from_checkpoint(cfg, rt, checkpoint)
+    state = {k: v.detach().to("cpu", copy=True) for k, v in run.model.state_dict().items()}
 
     def score(sd: dict[str, Tensor]) -> float:
-        model = tg.GPT(cfg).to(rt.device)
-        model.load_state_dict({k: v.to(rt.device) for k, v in sd.items()}, strict=True)
-        model.looping = cfg.num_loops > 0  # the final model always runs looped
-        return tg.evaluate(model.eval().forward_logits, val, L, L, luts, windows, rt.device, rt.amp)[1]
+        run.model.load_state_dict({k: v.to(rt.device) for k, v in sd.items()}, strict=True)
+        run.model.looping = cfg.num_loops > 0  # the final model always runs looped
+        return run.plain_eval(run.model.eval().forward_logits)[1]
 
-    model = tg.GPT(cfg).to(rt.device)
-    model.load_state_dict(state, strict=True)
-    model.looping = cfg.num_loops > 0
     t = time.perf_counter()
-    loader = tg.ShuffledSequenceLoader(train_files, cfg.train_seq_len, cfg.vocab_size, cfg.seed)
-    micro = cfg.train_batch_tokens // (accum * cfg.train_seq_len)
-    batches = (loader.next_batch(micro)[0].to(rt.device) for _ in range(cfg.gptq_calibration_batches))
-    hessians, count = tg.collect_hessians(model, batches, cfg.passthrough_numel, rt.amp)
-    hessians = {k: (v / count).cpu() for k, v in hessians.items()}
-    progress(f"collected {len(hessians)} Hessians from {count} batches in {time.perf_counter() - t:.1f} s")
+    hessians = {k: v.cpu() for k, v in run.calibrate(seconds=math.inf).items()}
+    progress(f"collected {len(hessians)} Hessians in {time.perf_counter() - t:.1f} s")
     t = time.perf_counter()
     float_bpb = score(state)
     progress(f"float val_bpb {float_bpb:.5f} ({time.perf_counter() - t:.1f} s)")
     qkw = dict(matrix_bits=cfg.matrix_bits, matrix_clip_sigmas=cfg.matrix_clip_sigmas, embed_bits=cfg.embed_bits,
                embed_clip_sigmas=cfg.embed_clip_sigmas)
-    trained = run.get("evals", {}).get("pre-quantization post-ema", {}).get("val_bpb")
-    desc = (f"Checkpoint `{checkpoint}`: {run.get('steps')} steps of {cfg.num_layers}L x {cfg.model_dim}d "
-            f"(vocab {cfg.vocab_size}), {val.numel() - 1:,} val tokens, plain eval at seq {L}; float val_bpb "
-            f"{float_bpb:.5f} (the run logged {trained if trained is None else f'{trained:.5f}'}); the run's own "
-            f"artifact: {run.get('bytes_model', 0):,} bytes ({cfg.compressor}). SDClip k = {cfg.matrix_clip_sigmas:g} "
-            f"(matrices) / {cfg.embed_clip_sigmas:g} (embedding); Hessians from {count} calibration batches.")
+    trained = run_summary.get("evals", {}).get("pre-quantization post-ema", {}).get("val_bpb")
+    L = cfg.eval_seq_len
+    desc = (f"Checkpoint `{checkpoint}`: {run_summary.get('steps')} steps of {cfg.num_layers}L x {cfg.model_dim}d "
+            f"(vocab {cfg.vocab_size}), {run.data.val_tokens.numel() - 1:,} val tokens, plain eval at seq {L}; float "
+            f"val_bpb {float_bpb:.5f} (the run logged {trained if trained is None else f'{trained:.5f}'}); the run's "
+            f"own artifact: {run_summary.get('bytes_model', 0):,} bytes ({cfg.compressor}). SDClip k = "
+            f"{cfg.matrix_clip_sigmas:g} (matrices) / {cfg.embed_clip_sigmas:g} (embedding); Hessians from "
+            f"{cfg.gptq_calibration_batches} calibration batches.")
     return CheckpointInputs(state, hessians, score, float_bpb, qkw, cfg.passthrough_numel, desc)
 
 
