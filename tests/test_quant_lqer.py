@@ -364,3 +364,29 @@ def test_inspect_shows_lqer(tmp_path: Path, lqer_blob: bytes) -> None:
         raw = f["a_codes"][1] + f["b_codes"][1] + f["a_scale"][1] + f["b_scale"][1]
         assert e["name"] in line and "rank 4" in line and "group 48" in line and f"{raw:,} raw bytes" in line
     assert "LQER: 2 tensors" in r.stdout and "+lqer4" in r.stdout
+
+
+# ---------------------------------------------------------------------------------------------------- trainer
+
+
+def test_trainer_loads_a_version_2_artifact(tmp_path: Path) -> None:
+    """A GPT state dict quantized with roles, int7 embeddings, LQER and the rans codec reloads through the trainer's
+    own loader to the weights `dequantize` gives (the trainer needs no change to read version 2)."""
+    from conftest import TINY_TRAIN
+
+    import train_gpt as tg
+
+    cfg = tg.Config(**TINY_TRAIN)
+    torch.manual_seed(0)
+    state = {k: v.detach().clone() for k, v in tg.GPT(cfg).state_dict().items()}
+    roles = {n: "embed" if n == "tok_emb.weight" else "attn" if ".attn." in n else "mlp" if ".mlp." in n else "matrix"
+             for n, t in state.items() if t.is_floating_point() and t.ndim == 2 and t.numel() > cfg.passthrough_numel}
+    qts = quantize_state_dict(state, {}, passthrough_numel=cfg.passthrough_numel, roles=roles, embed_bits=7,
+                              embed_clip_sigmas=14.0, attn_clip_sigmas=13.0, mlp_clip_sigmas=11.5, lqer_rank=4,
+                              lqer_top_k=3)
+    assert sum(qt.lqer is not None for qt in qts) == 3 and {qt.bits for qt in qts if qt.kind != "passthrough"} == {6, 7}
+    path = tmp_path / "final_model.int6.ptz"
+    save_artifact(path, encode_artifact(qts, "rans"))
+    model = tg.load_quantized_model(path, cfg, torch.device("cpu"))
+    want = dequantize(qts)
+    assert all(torch.equal(v, want[k].to(v.dtype)) for k, v in model.state_dict().items())
