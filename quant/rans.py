@@ -3,8 +3,9 @@ interleaved over `lanes` independent coder states so numpy runs every lane of a 
 
 Why: the codes of one tensor are close to i.i.d. draws from one distribution (SDClip makes every row's codes share
 it), so the best a memoryless coder can do is the tensor's order-0 entropy. brotli-11 lands 1-2% above that bound
-(its prefix codes spend whole bits per symbol); rANS with 15-bit probabilities lands within ~0.1% of it, and encodes
-and decodes ~10x faster than brotli-11 compresses. docs/artifact.md describes the stream.
+(its prefix codes spend whole bits per symbol); rANS with 15-bit probabilities lands within ~0.1% of it, encodes in
+seconds where brotli-11 takes a minute or more on a record-size model, and decodes in seconds. docs/artifact.md describes the
+stream.
 
 Coder (Duda's range ANS, byte-aligned variant with 16-bit words): state x in [2^16, 2^32); to encode symbol s with
 frequency f and cumulative frequency c (frequencies sum to 2^15), first emit the low 16 bits while x >= f << 17, then
