@@ -86,6 +86,7 @@ def decompress_bytes(data: bytes, codec: str, limit: int) -> bytes:
             _ensure(len(data) >= _RANS_BYTES.size, "rans stream is truncated")
             n, lanes, nt, nw = _RANS_BYTES.unpack_from(data)
             _ensure(n <= limit, f"{codec} stream decompresses to more than the {limit:,} bytes allowed")
+            _ensure(lanes == rans_lanes(n), f"rans stream has {lanes} lanes for {n:,} bytes, expected {rans_lanes(n)}")
             _ensure(_RANS_BYTES.size + nt + 4 * lanes + nw == len(data), "rans stream lengths disagree with its size")
             body = data[_RANS_BYTES.size:]
             out = rans_decode(body[:nt], body[nt:nt + 4 * lanes], body[nt + 4 * lanes:], [n], lanes).tobytes()
@@ -274,6 +275,9 @@ def _rans_payload(m: dict, payload: bytes, spans: list[dict], codes_bytes: int, 
     _ensure(len(segments) <= _RANS_MAX_SEGMENTS, f"rans takes at most {_RANS_MAX_SEGMENTS} code segments")
     lanes, tb, wb = r["lanes"], r["tables_bytes"], r["words_bytes"]
     _ensure(_is_count(lanes, 1, RANS_MAX_LANES), f"rans lanes must be 1..{RANS_MAX_LANES}, got {lanes!r}")
+    # the writer's choice, enforced: few lanes for many codes would make the decoder take ~one numpy step per code
+    _ensure(lanes == rans_lanes(codes_bytes), f"rans lanes must be {rans_lanes(codes_bytes)} for {codes_bytes:,} codes, "
+            f"got {lanes}")
     _ensure(_is_count(tb, 0, 2 * 258 * len(segments)) and tb % 2 == 0, f"bad rans tables size {tb!r}")
     _ensure(_is_count(wb, 0, len(payload)) and wb % 2 == 0, f"bad rans words size {wb!r}")
     tail_len = tb + 4 * lanes + payload_bytes - codes_bytes

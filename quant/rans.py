@@ -114,8 +114,9 @@ def _parse_tables(tables: bytes, segments: Sequence[int]) -> np.ndarray:
 
 def rans_decode(tables: bytes, states: bytes, words: bytes, segments: Sequence[int], lanes: int) -> np.ndarray:
     """Inverse of `rans_encode`: the int8 codes. Raises ValueError on any inconsistency (bad tables, states out of
-    range, words missing or left over, final states not at their start value), never reads out of bounds, and its
-    work is bounded by the declared segment lengths."""
+    range, words missing or left over, final states not at their start value) and never reads out of bounds. Its
+    memory is one byte per declared code (plus 32 KiB per segment) and its time ceil(n / lanes) numpy steps: callers
+    that read untrusted streams insist on lanes == rans_lanes(n), so a stream cannot declare many codes on few lanes."""
     if not 1 <= lanes <= RANS_MAX_LANES or len(states) != 4 * lanes or len(words) % 2:
         raise ValueError(f"rans: {len(states)} state bytes for {lanes} lanes, {len(words)} word bytes")
     F = _parse_tables(tables, segments)
@@ -131,7 +132,7 @@ def rans_decode(tables: bytes, states: bytes, words: bytes, segments: Sequence[i
     w = np.frombuffer(words, dtype="<u2").astype(np.uint64)
     bounds = _segment_bounds(segments)
     n = int(bounds[-1])
-    out = np.empty(n, dtype=np.int64)
+    out = np.empty(n, dtype=np.uint8)  # one byte per code: the output is never larger than the codes it declares
     p, mask = 0, np.uint64(_M - 1)
     for i in range(-(-n // lanes)):
         lo, hi = i * lanes, min(n, (i + 1) * lanes)
@@ -139,7 +140,7 @@ def rans_decode(tables: bytes, states: bytes, words: bytes, segments: Sequence[i
         xs = x[: hi - lo]
         slot = xs & mask
         s = S[seg, slot.astype(np.int64)].astype(np.int64)
-        out[lo:hi] = s
+        out[lo:hi] = s ^ 128  # symbol = code + 128, so the code's two's-complement byte is symbol xor 0x80
         xs = F[seg, s] * (xs >> np.uint64(RANS_PRECISION)) + slot - C[seg, s]
         need = xs < _LOW
         k = int(np.count_nonzero(need))
@@ -151,4 +152,4 @@ def rans_decode(tables: bytes, states: bytes, words: bytes, segments: Sequence[i
         x[: hi - lo] = xs
     if p != w.size or (x != _LOW).any():
         raise ValueError("rans: the stream does not end where the codes do (corrupt or mismatched)")
-    return (out - 128).astype(np.int8)
+    return out.view(np.int8)

@@ -213,7 +213,7 @@ def test_hostile_rans_manifests_and_streams(qts: list) -> None:
                       (dict(words_bytes=r["words_bytes"] + 1), "words size"), (dict(extra=1), "rans parameters"),
                       (dict(words_bytes=r["words_bytes"] - 2), "truncated|decompresses to|do not decode"),
                       (dict(tables_bytes=r["tables_bytes"] - 2), "decompresses to|do not decode"),
-                      (dict(lanes=r["lanes"] + 1), "decompresses to|do not decode")]:
+                      (dict(lanes=r["lanes"] + 1), "lanes must be")]:
         rejects(craft(with_rans(**kw), payload), match)
     bad = json.loads(json.dumps(m))
     del bad["rans"]
@@ -259,3 +259,20 @@ def test_fuzzed_rans_payloads_fail_cleanly() -> None:
             continue
         assert pos >= wb, f"a corrupted rANS word at {pos} decoded without error"
         assert [q.name for q in back] == [q.name for q in qts]
+
+
+def test_a_constant_stream_cannot_buy_work_with_few_lanes() -> None:
+    """One symbol with all 2^15 of the frequency never needs a word, so a few bytes can declare any number of codes:
+    the code count is capped by the caller's limit and the lanes must be the writer's (rans_lanes(n)), which keeps the
+    decoder at most ~32k numpy steps below 33M codes."""
+    table = np.asarray([128, 1, 1 << 15], "<u2").tobytes()  # symbol 128 = code 0, frequency 2^15
+
+    def stream(n: int, lanes: int) -> bytes:
+        return struct.pack("<IIII", n, lanes, len(table), 0) + table + np.full(lanes, 1 << 16, "<u4").tobytes()
+
+    n = 1_000_000
+    with pytest.raises(ArtifactError, match="lanes"):
+        decompress_bytes(stream(n, 1), "rans", n)
+    assert decompress_bytes(stream(n, rans_lanes(n)), "rans", n) == bytes(n)  # legitimate: a million zeros
+    with pytest.raises(ArtifactError, match="more than"):
+        decompress_bytes(stream(2**31, rans_lanes(2**31)), "rans", 1 << 20)
