@@ -352,7 +352,7 @@ def load_val_bytes(dataset_dir: Path, num_tokens: int) -> Tensor | None:
 
 
 def build_byte_luts(sp, vocab_size: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-token byte tables from a SentencePiece model (STACK.md §0): base UTF-8 bytes without a leading '▁',
+    """Per-token byte tables from a SentencePiece model (docs/data.md): base UTF-8 bytes without a leading '▁',
     whether the piece has a leading '▁', and whether it is a boundary (control/unknown/unused) token.
     Byte-fallback pieces count 1 byte. Sized max(sp vocab, vocab_size); ids past the model are boundaries."""
     if sp.piece_to_id("\u2581") == sp.unk_id():
@@ -384,7 +384,7 @@ def target_bytes(prev: Tensor, target: Tensor, luts: tuple[Tensor, Tensor, Tenso
 
 
 class ShuffledSequenceLoader:
-    """Rank-disjoint shuffled training sequences over all train shards (after record P's loader, STACK.md §B.6).
+    """Rank-disjoint shuffled training sequences over all train shards (after record P's loader).
 
     Each epoch every shard gets a random phase (drawn from SEED, so equal on all ranks) and is cut into windows
     of seq_len+1 tokens at phase + k*seq_len; rank r owns the windows with k % world_size == r and visits them in
@@ -791,7 +791,7 @@ def ema_update_(ema: list[Tensor], params: list[Tensor], decay: float) -> None:
 
 
 def window_starts(num_targets: int, seq_len: int, stride: int) -> np.ndarray:
-    """Window starts 0, stride, 2*stride, ... while start + (seq_len - stride) < num_targets (STACK.md §D.2):
+    """Window starts 0, stride, 2*stride, ... while start + (seq_len - stride) < num_targets (record P):
     every target is scored exactly once, each after the first seq_len with >= seq_len - stride tokens of context."""
     ctx = seq_len - stride
     return np.arange(0, max(1, num_targets - ctx), stride, dtype=np.int64)
@@ -910,7 +910,7 @@ def adapt_on_chunk(model: GPT, opt: torch.optim.Optimizer, tokens: Tensor, chunk
 
 def eval_ttt(model: GPT, tokens: Tensor, cfg: Config, ev: EvalContext, logits_fn: Callable[[Tensor], Tensor] | None = None,
              nll_out: Tensor | None = None, hits_out: Tensor | None = None) -> tuple[float, float]:
-    """Legal score-first TTT (record P, STACK.md §D.3; framework PR #549, #1413). For each chunk in order:
+    """Legal score-first TTT (record P; framework PR #549, #1413). For each chunk in order:
     score it under no_grad with weights that have only trained on earlier chunks, add it to the totals, and only
     then adapt on it. The last chunk is never trained on. Issue #1017 conditions: causal, normalized, score
     before update, single pass."""
@@ -1004,7 +1004,8 @@ def setup_runtime(cfg: Config) -> Runtime:
         backend = "nccl"
     else:
         device = torch.device("cpu")
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+        per_rank = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", per_rank))))  # an explicit choice wins
         backend = "gloo"
     if world_size > 1:
         dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)

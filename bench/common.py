@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from tools.envfile import read_env_file
-from tools.parse_log import parse_log, read_log
+from tools.log_parser import parse_log
+from tools.safe_io import read_log
 
 ROOT = Path(__file__).resolve().parent.parent
 

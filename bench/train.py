@@ -27,9 +27,10 @@ from bench.common import RUNS, TrainerRun, md_table, median, progress, run_train
 
 
 def baseline_overrides(num_layers: int) -> dict[str, str]:
-    """The root baseline (STACK.md §G: 9L x 512d, MLP 2x relu^2, Adam/Muon without WD, no EMA) at the tiny stack's
-    width, heads, batch and sequence length, with `num_layers` layers. LRs and momenta are the baseline's own,
-    unscaled, as configs/cpu_tiny.env keeps the record's; step counts are scaled like cpu_tiny's (1500 -> 50)."""
+    """The root baseline (upstream's root train_gpt.py: 9L x 512d, MLP 2x relu^2, Adam/Muon without WD, no EMA)
+    at the tiny stack's width, heads, batch and sequence length, with `num_layers` layers. LRs and momenta are the
+    baseline's own, unscaled, as configs/cpu_tiny.env keeps the record's; step counts are scaled like cpu_tiny's
+    (1500 -> 50)."""
     env = tiny_env()
     head_dim = int(env["MODEL_DIM"]) // int(env["NUM_HEADS"])
     return {

@@ -39,7 +39,7 @@ from data import caseops, sidecar
 from data.shards import write_shard
 
 DEFAULT_SHARD_TOKENS = 10**8  # upstream SHARD_SIZE
-# Upstream trainer settings, exactly (STACK.md §0). minloglevel only silences the trainer's log spam.
+# Upstream's SentencePiece trainer settings, exactly (docs/data.md). minloglevel only silences the trainer's log spam.
 SP_TRAINER_SETTINGS: dict[str, object] = dict(
     model_type="bpe", byte_fallback=True, split_digits=True, normalization_rule_name="nmt_nfkc",
     add_dummy_prefix=False, character_coverage=0.999, pad_id=0, bos_id=train_gpt.BOS_ID, eos_id=2, unk_id=3,

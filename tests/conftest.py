@@ -54,11 +54,14 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> TinyDataset:
     return TinyDataset(data_dir=root / "tiny_sp512", tokenizer=root / "tiny_512_bpe.model", vocab_size=TINY_VOCAB)
 
 
-TINY_TRAIN = dict(  # the record stack at toy size: every feature on, seconds on CPU
+# THE tiny config of the test suite: every test builds its Config from TINY_MODEL (the record stack's shape at toy
+# size, every feature on) or TINY_TRAIN (plus a seconds-long training run), with explicit overrides where it needs them.
+TINY_MODEL = dict(
     vocab_size=TINY_VOCAB, num_layers=4, model_dim=64, num_heads=4, num_kv_heads=2, rope_dims=8, loop_start=1,
-    loop_end=2, num_loops=1, parallel_residual_start=3, xsa_last_n=4, train_seq_len=64, train_batch_tokens=2048,
-    grad_accum_steps=1, iterations=6, max_wallclock_seconds=0.0, warmup_steps=1, muon_momentum_warmup_steps=4,
-    ema_decay=0.5, train_log_every=2, val_loss_every=0, val_batch_tokens=16384, eval_seq_len=64, eval_stride=32,
+    loop_end=2, num_loops=1, parallel_residual_start=3, xsa_last_n=4, train_seq_len=64, eval_seq_len=64)
+TINY_TRAIN = dict(
+    **TINY_MODEL, train_batch_tokens=2048, grad_accum_steps=1, iterations=6, max_wallclock_seconds=0.0, warmup_steps=1,
+    muon_momentum_warmup_steps=4, ema_decay=0.5, train_log_every=2, val_loss_every=0, val_batch_tokens=16384, eval_stride=32,
     ttt_chunk_tokens=2048, ttt_epochs=1, gptq_calibration_batches=2, passthrough_numel=1024, compressor="brotli")
 
 

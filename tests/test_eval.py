@@ -15,12 +15,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY_TRAIN
 from torch import Tensor
 
 import train_gpt
 from data.shards import write_shard
 from quant import encode_artifact, quantize_state_dict, save_artifact
-from tools import check_legality as cl
+from tools import legality as cl
 from train_gpt import GPT, Config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,9 +32,9 @@ def EV(luts: tuple, batch_windows: int) -> train_gpt.EvalContext:  # noqa: N802
     return train_gpt.EvalContext(luts, batch_windows)
 L, S, C = 32, 8, 64  # window, stride, TTT chunk
 N = 160  # targets: chunks 0..63, 64..127 and a partial 128..159
-TINY = dict(vocab_size=512, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, rope_dims=8, num_loops=1,
-            loop_start=0, loop_end=0, xsa_last_n=2, parallel_residual_start=1, train_seq_len=L, eval_seq_len=L,
-            eval_stride=S, ttt_chunk_tokens=C, ttt_epochs=2, ttt_lr=0.05, compressor="zstd")
+TINY = {**TINY_TRAIN, **dict(num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, loop_start=0, loop_end=0,  # smaller
+                             xsa_last_n=2, parallel_residual_start=1, train_seq_len=L, eval_seq_len=L, eval_stride=S,
+                             ttt_chunk_tokens=C, ttt_epochs=2, ttt_lr=0.05, compressor="zstd")}
 
 
 @pytest.fixture(autouse=True)
@@ -185,7 +186,7 @@ def test_ttt_scores_before_adapting_and_never_trains_on_the_last_chunk(cfg: Conf
     assert events == ["score", "adapt 0", "score", "adapt 1", "score"]
     sliding = train_gpt.evaluate(model.forward_logits, tokens, L, S, EV(luts, 4))
     assert abs(ttt[1] - sliding[1]) > 1e-6, "TTT with lr > 0 left the score unchanged: the lr-0 test proves nothing"
-    # the same weights come from adapting on chunks 0..K-2 alone, with the cosine lr of STACK.md §D.3
+    # the same weights come from adapting on chunks 0..K-2 alone, with record P's cosine lr over chunks
     ref = copy.deepcopy(model)
     opt = torch.optim.SGD(ref.parameters(), lr=cfg.ttt_lr, momentum=cfg.ttt_momentum)
     for c in range(2):
@@ -387,7 +388,8 @@ def test_load_config_rejects_bad_summaries(tmp_path: Path) -> None:
     del raw["passthrough_numel"]  # an artifact from before the field existed
     summary.write_text(json.dumps({"config": raw}))
     cfg, source = cl.load_config(None, artifact)
-    assert cfg == Config(**TINY) and source.endswith("(defaults for passthrough_numel)")
+    assert cfg == Config(**{**TINY, "passthrough_numel": Config().passthrough_numel})
+    assert source.endswith("(defaults for passthrough_numel)")
     summary.write_text("{}")
     with pytest.raises(cl.CheckError, match="not a run_summary.json"):
         cl.load_config(summary, artifact)

@@ -6,12 +6,12 @@ import itertools
 
 import pytest
 import torch
+from conftest import TINY_MODEL
 
 import train_gpt
 from train_gpt import GPT, Config, apply_partial_rope, layer_schedule, param_roles, rope_tables, xsa
 
-TINY = dict(vocab_size=512, num_layers=4, model_dim=64, num_heads=4, num_kv_heads=2, loop_start=1, loop_end=2,
-            num_loops=1, parallel_residual_start=3, xsa_last_n=4, rope_dims=8, train_seq_len=64, eval_seq_len=64)
+TINY = TINY_MODEL
 
 
 def tiny_model(seed: int = 0, **overrides: object) -> GPT:
@@ -24,7 +24,7 @@ def tiny_model(seed: int = 0, **overrides: object) -> GPT:
 def test_default_config_has_record_p_param_count() -> None:
     with torch.device("meta"):  # no memory, no init cost
         model = GPT(Config())
-    assert sum(p.numel() for p in model.parameters()) == 35_944_536  # STACK.md §A.1.7
+    assert sum(p.numel() for p in model.parameters()) == 35_944_536  # record P's log: model_params:35944536
 
 
 def test_param_roles_snapshot() -> None:

@@ -11,12 +11,12 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import TINY_MODEL
 
 import train_gpt
 from train_gpt import GPT, Config, Muon, Optimizers, muon_update, train_step, zeropower_via_newtonschulz5
 
-TINY = dict(vocab_size=512, num_layers=4, model_dim=64, num_heads=4, num_kv_heads=2, loop_start=1, loop_end=2,
-            num_loops=1, parallel_residual_start=3, xsa_last_n=4, rope_dims=8, train_seq_len=64, eval_seq_len=64)
+TINY = TINY_MODEL
 
 
 def rand(*shape: int, seed: int = 0) -> torch.Tensor:
@@ -32,7 +32,7 @@ def test_newton_schulz_singular_values_on_rectangular(shape: tuple[int, int]) ->
     X = zeropower_via_newtonschulz5(G, steps=5, dtype=torch.float32)
     assert X.shape == G.shape and X.dtype == torch.float32
     s = torch.linalg.svdvals(X)
-    assert 0.6 < s.min() and s.max() < 1.2, (s.min(), s.max())  # STYLE_ANCHORS §3.12: 0.68-1.13 observed
+    assert 0.6 < s.min() and s.max() < 1.2, (s.min(), s.max())  # quintic NS: S' ~ U(0.5, 1.5); 0.68-1.13 observed
     U, _, Vh = torch.linalg.svd(G, full_matrices=False)
     cos = (X * (U @ Vh)).sum() / (X.norm() * (U @ Vh).norm())  # close to the polar factor U V^T
     assert cos > 0.97, cos
@@ -46,7 +46,7 @@ def test_newton_schulz_is_scale_invariant_and_deterministic() -> None:
 
 
 def reference_muon_update(grad: torch.Tensor, buf: torch.Tensor, momentum: float, row_normalize: bool) -> torch.Tensor:
-    """STACK.md §B.2 steps 1-4, written out independently."""
+    """Record P's Muon direction (momentum, row norm, NS, shape scale), written out independently."""
     buf.mul_(momentum).add_(grad)
     u = grad + momentum * buf  # Nesterov
     if row_normalize:

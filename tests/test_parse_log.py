@@ -1,22 +1,25 @@
-"""tools/parse_log.py on hand-made samples of every log format (tests/assets/log_*.txt) and, when present, on the
-real upstream record logs (/work/shared/reference/upstream_records; skipped elsewhere)."""
+"""tools/parse_log.py on hand-made samples of every log format (tests/assets/log_*.txt), and the log contract: every
+kind of train_gpt.LOG_FORMATS parses back to the values it was written from. Upstream record shapes (baseline, P, N,
+and the line shapes parse_log used to miss) are written and checked in tests/test_referee.py."""
 
 from __future__ import annotations
 
 import json
 import math
+import string
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tools.parse_log import SEP, parse_hyperparameters, parse_log, parse_value, split_header
+import train_gpt
+from tools.log_lines import format_regex, match_ours
+from tools.log_parser import SEP, parse_hyperparameters, parse_log, parse_value, split_header
 
 ROOT = Path(__file__).resolve().parent.parent
 
 ASSETS = ROOT / "tests" / "assets"
-UPSTREAM = Path("/work/shared/reference/upstream_records")
 
 
 def parse_asset(name: str) -> dict:
@@ -31,7 +34,8 @@ def test_ours_wallclock_stop() -> None:
     assert r["step_avg_ms"] == pytest.approx(57751.0 / 150)
     assert list(r["evals"]) == ["pre-quantization post-ema", "quantized", "quantized_sliding_window", "quantized_ttt"]
     assert r["evals"]["quantized_sliding_window"] == {"val_loss": 3.9811204, "val_bpb": 2.29518422,
-                                                      "eval_time_ms": 20544.0}
+                                                      "eval_time_ms": 20544.0, "name": "quantized_sliding_window",
+                                                      "attrs": {}, "note": "", "order": 2}
     assert (r["final_label"], r["final_val_bpb"], r["final_val_loss"]) == ("quantized_ttt", 2.28888888, 3.97020019)
     assert (r["bytes_code"], r["bytes_model"], r["bytes_total"]) == (61234, 198765, 259999)
     assert r["bytes_model_raw"] == 1019431 and r["artifact_scheme"] == "quantized+brotli"
@@ -222,23 +226,44 @@ def test_cli_missing_file(tmp_path: Path) -> None:
     assert proc.stderr.strip().count("\n") == 0 and "nope.txt" in proc.stderr and "Traceback" not in proc.stderr
 
 
-@pytest.mark.skipif(not UPSTREAM.exists(), reason="upstream record logs not available on this machine")
-def test_upstream_record_logs() -> None:
-    p = parse_log(next(UPSTREAM.glob("2026-04-09_*/train_seed42.log")).read_text())
-    assert (p["seed"], p["steps"], p["train_time_ms"]) == (42, 4550, 588047.0)
-    assert (p["final_label"], p["final_val_bpb"], p["bytes_total"]) == ("quantized_ttt", 1.08079352, 15991930)
-    assert p["evals"]["quantized_sliding_window"]["val_bpb"] == 1.08286335
-    assert (p["bytes_code"], p["bytes_model"], p["world_size"], p["layer_loop_step"]) == (16630, 15975300, 8, 2018)
-    assert all(not pt["time_approx"] for pt in p["train"])
-    n = parse_log(next(UPSTREAM.glob("2026-04-27_*/train_seed42.log")).read_text())
-    assert (n["seed"], n["final_label"], n["final_val_bpb"]) == (42, "quantized_ttt_phased", 1.05989454)
-    assert (n["bytes_total"], n["bytes_code"], n["bytes_code_uncompressed"]) == (15897259, 31999, 157868)
-    assert n["total_eval_time_s"] == 508.8
-    assert (n["steps"], n["train_time_ms"]) == (4945, 599592.0)
-    for path in UPSTREAM.glob("*/train_seed*.log"):  # every seed's parsed seed matches its file name
-        r = parse_log(path.read_text())
-        assert f"train_seed{r['seed']}.log" == path.name
-        assert r["bytes_total"] == r["bytes_code"] + r["bytes_model"] < 16_000_000
+SAMPLE_VALUES = dict(  # one value per field name used by LOG_FORMATS, typed as the trainer passes them
+    name="quant/gptq.py", n=12345, sha256="ab" * 32, vocab=8192, world_size=8, accum=1, device="cuda", cpus=208,
+    attention="fa3", compile=True, precision="bf16", seconds=12.5, ms=588047.0, label="quantized_ttt", k=3,
+    step=4550, iterations=20000, val_loss=2.79180191, val_bpb=1.08079352, train_loss=2.8123, minutes=9.8, tok_s=6080000,
+    frac=0.35, encoder="[0, 1, 2]", decoder="[3, 4]", allocated=39046, reserved=39070, done=40, wanted=64, limit=600.0,
+    codec="brotli", part="total", chunks=1238, lr=0.005, epochs=3, phase="quantized_ttt", budget="eval", train=599.9,
+    eval=487.5, source="sidecar", total=151074498)
+
+
+@pytest.mark.parametrize("kind", sorted(set(train_gpt.LOG_FORMATS) - {"eval", "warmup", "source_file"}))
+def test_every_log_format_parses_back(kind: str) -> None:
+    fields = {name for _, name, _, _ in string.Formatter().parse(train_gpt.LOG_FORMATS[kind]) if name}
+    line = train_gpt.log_line(kind, **{k: SAMPLE_VALUES[k] for k in fields})
+    got = match_ours(kind, line)
+    assert got is not None, line
+    for k in fields:
+        want = SAMPLE_VALUES[k]
+        if isinstance(want, int | float) and not isinstance(want, bool):
+            assert got[k] == pytest.approx(want, rel=1e-3, abs=0.051), (k, line)
+        else:
+            assert str(got[k]) == str(want), (k, line)
+
+
+def test_our_eval_and_source_lines_parse_back() -> None:
+    line = train_gpt.log_line("eval", label="quantized_sliding_window", val_loss=2.79714850, val_bpb=1.08286335, ms=120961)
+    p = parse_log(line + "\n")
+    assert p["evals"]["quantized_sliding_window"]["val_bpb"] == 1.08286335 and p["final_val_bpb"] == 1.08286335
+    assert p["evals"]["quantized_sliding_window"]["eval_time_ms"] == 120961.0
+    head = train_gpt.log_line("source_file", name="train_gpt.py", n=6)
+    assert parse_log(f"{head}\nx = 1\n\n")["sources"] == {"train_gpt.py": "x = 1\n"}
+
+
+def test_parsers_follow_the_trainer_formats(monkeypatch) -> None:
+    # the parser is built from LOG_FORMATS: a changed format is parsed by the rebuilt pattern, the old line is not
+    changed = train_gpt.LOG_FORMATS["ledger"].replace("time_ledger phase:", "ledger phase=")
+    pattern = format_regex(changed)
+    assert pattern.match("ledger phase=train_loop seconds:1.000 budget:train")
+    assert not pattern.match("time_ledger phase:train_loop seconds:1.000 budget:train")
 
 
 def framed(name: str, body: str) -> str:

@@ -4,7 +4,7 @@
     python tools/bpb_audit.py --data-dir data/datasets/builtin_caseops_sp1024 \
         --tokenizer data/tokenizers/builtin_caseops_1024_bpe.model
 
-The trainer's byte count (STACK.md §0) comes from per-piece lookup tables (train_gpt.build_byte_luts and
+The trainer's byte count (docs/data.md) comes from per-piece lookup tables (train_gpt.build_byte_luts and
 target_bytes). This tool takes exactly the tokens the trainer scores (train_gpt.load_val_tokens: the tail partial
 sequence dropped; targets = tokens[1:], previous = tokens[:-1]), splits them into docs at BOS, decodes each doc
 with sp.decode and counts the bytes of the text. Where the two rules legitimately differ the difference is

@@ -16,8 +16,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from tools.parse_log import parse_log, read_log
+from tools.log_parser import parse_log
 from tools.runplots import default_labels, focus_ylim, format_table, plot_runs, stage_key  # noqa: F401
+from tools.safe_io import read_log
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,6 @@
 """Compare training runs: the final-number table and the 2x2 curves figure (tools/compare_runs.py is the command).
 
-Runs come from tools.parse_log.parse_log. Stage names are normalized so the same eval stage lands in one column
+Runs come from tools.log_parser.parse_log. Stage names are normalized so the same eval stage lands in one column
 whatever a record calls it ("diagnostic pre-quantization post-ema" and "pre-quantization post-ema" are one stage).
 Losses of runs on different tokenizers are not comparable (nats per token of different tokens): the table and the
 figure say so whenever the runs' vocab sizes or tokens/byte differ.

@@ -13,7 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from tools.parse_log import parse_log, read_log
+from tools.log_parser import parse_log
+from tools.safe_io import read_log
 from tools.significance import (  # noqa: F401  (re-exported: tools.stats stays the import path)
     RECORD_ALPHA,
     RECORD_MARGIN_NATS,

@@ -1,0 +1,384 @@
+"""Inline quant/ into train_gpt.py, pack the result into the self-extracting 2-line script, unpack it again, and
+compare sources modulo docstrings and annotations (docs/records.md "Packing").
+
+The packed form is PR #1394's lineage: AST without docstrings (and without function-signature annotations when nothing
+reads them), ast.unparse, raw LZMA2 + base85 inside `exec(L.decompress(B.b85decode("...")...))`.
+"""
+
+from __future__ import annotations
+
+import ast
+import base64
+import functools
+import io
+import lzma
+import re
+import sys
+import tokenize
+from pathlib import Path
+
+MARK_BEGIN, MARK_END = "# >>> inline quant", "# <<< inline quant"
+# The self-extracting wrapper of record P (PR #1394 lineage): raw LZMA2 saves the xz container's ~60 bytes.
+WRAP_HEAD = 'import lzma as L,base64 as B\nexec(L.decompress(B.b85decode("'
+WRAP_TAIL = '"),format=L.FORMAT_RAW,filters=[{"id":L.FILTER_LZMA2}]))\n'
+LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
+READS_ANNOTATIONS = re.compile(r"__annotations__|get_type_hints|\bsignature\(|annotationlib")
+
+
+class RecordError(Exception):
+    """A user-facing problem with the inputs or the build: printed as one line, exit status 1."""
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# inline quant/ into train_gpt.py
+# -----------------------------------------------------------------------------------------------------------------
+
+def _is_docstring(node: ast.stmt) -> bool:
+    return isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)
+
+
+def _parse(src: str, name: str) -> ast.Module:
+    try:
+        return ast.parse(src, filename=name)
+    except SyntaxError as e:
+        raise RecordError(f"{name}: does not parse ({e.msg}, line {e.lineno})") from None
+    except (ValueError, RecursionError, MemoryError) as e:  # NUL bytes, absurd nesting
+        raise RecordError(f"{name}: does not parse ({type(e).__name__}: {str(e)[:80]})") from None
+
+
+def _bound_imports(node: ast.Import | ast.ImportFrom) -> dict[str, str]:
+    """Name bound by each alias of an import -> what it refers to (`np` -> `numpy`, `Tensor` -> `torch:Tensor`)."""
+    if isinstance(node, ast.Import):
+        return {(a.asname or a.name.split(".")[0]): (a.name if a.asname else a.name.split(".")[0]) for a in node.names}
+    return {(a.asname or a.name): f"{node.module}:{a.name}" for a in node.names}
+
+
+def _top_level_names(stmts: list[ast.stmt], nested: bool = False) -> set[str]:
+    """Names a module body binds at top level: functions, classes, assignment targets, and imports nested in
+    if/try/with blocks (`try: from flash_attn_interface import ...`). Plain top-level imports are hoisted and merged,
+    so they are checked separately."""
+    out: set[str] = set()
+    for node in stmts:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            out.add(node.name)
+        elif isinstance(node, ast.Assign | ast.AnnAssign | ast.AugAssign):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for t in targets:
+                out |= {n.id for n in ast.walk(t) if isinstance(n, ast.Name)}
+        elif isinstance(node, ast.Import | ast.ImportFrom) and nested:
+            out |= set(_bound_imports(node))
+        elif isinstance(node, ast.If | ast.Try | ast.With | ast.For | ast.While):
+            for field in ("body", "orelse", "finalbody"):
+                out |= _top_level_names(getattr(node, field, []), nested=True)
+            for handler in getattr(node, "handlers", []):
+                out |= _top_level_names(handler.body, nested=True)
+    return out
+
+
+def _quant_imports(tree: ast.AST) -> list[ast.ImportFrom | ast.Import]:
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] == "quant":
+            out.append(node)
+        elif isinstance(node, ast.Import) and any(a.name.split(".")[0] == "quant" for a in node.names):
+            out.append(node)
+    return out
+
+
+def _src_lines(src: str) -> list[str]:
+    """Lines as the parser numbers them (str.splitlines would also split on form feeds and other separators)."""
+    return (src[:-1] if src.endswith("\n") else src).split("\n")
+
+
+def _import_sort_key(name: str) -> tuple[int, str]:
+    """isort's order-by-type inside `from x import ...`: CONSTANTS, Classes, functions."""
+    kind = 0 if name.isupper() and len(name) > 1 else 1 if name[:1].isupper() else 2
+    return kind, name
+
+
+def format_imports(plain: set[tuple[str, str | None]], froms: dict[str, set[tuple[str, str | None]]]) -> str:
+    """An isort-style import block: stdlib then third-party, `import x` before `from x import y`, sorted."""
+    def alias(name: str, asname: str | None) -> str:
+        return f"{name} as {asname}" if asname else name
+
+    groups: list[list[str]] = [[], []]
+    for std in (True, False):
+        lines = groups[0 if std else 1]
+        for name, asname in sorted(plain, key=lambda x: (x[0], x[1] or "")):
+            if (name.split(".")[0] in sys.stdlib_module_names) == std:
+                lines.append(f"import {alias(name, asname)}")
+        for module in sorted(froms):
+            if (module.split(".")[0] in sys.stdlib_module_names) == std:
+                names = [alias(n, a) for n, a in sorted(froms[module], key=lambda x: _import_sort_key(x[0]))]
+                line = f"from {module} import {', '.join(names)}"
+                if len(line) > 120:
+                    line = f"from {module} import (\n" + "".join(f"    {n},\n" for n in names) + ")"
+                lines.append(line)
+    return "\n\n".join("\n".join(g) for g in groups if g)
+
+
+def _module_order(mods: dict[str, ast.Module]) -> list[str]:
+    """quant module names in dependency order (a module after every quant module it imports from); ties by name."""
+    deps = {}
+    for name, tree in mods.items():
+        deps[name] = set()
+        for node in _quant_imports(tree):
+            target = node.module.split(".", 1)[1] if isinstance(node, ast.ImportFrom) and "." in node.module else None
+            if target is None or target not in mods:
+                raise RecordError(f"quant/{name}.py: `{ast.unparse(node)}` cannot be inlined (only `from quant.<module> "
+                                  f"import name` of another quant module is supported)")
+            deps[name].add(target)
+    order: list[str] = []
+    while len(order) < len(mods):
+        ready = sorted(n for n in mods if n not in order and deps[n] <= set(order))
+        if not ready:
+            raise RecordError(f"quant/ modules import each other in a cycle: {sorted(set(mods) - set(order))}")
+        order.append(ready[0])
+    return order
+
+
+def inline_quant(sources: dict[str, str]) -> str:
+    """The readable single-file train_gpt.py: quant/*.py (not __init__) inlined at the marked import block, their
+    imports hoisted and merged into train_gpt.py's import block, `from quant...` lines and `__all__` dropped."""
+    if "train_gpt.py" not in sources:
+        raise RecordError(f"no train_gpt.py among the logged sources ({sorted(sources)})")
+    main_src = sources["train_gpt.py"]
+    quant_files = {n: s for n, s in sources.items() if n.startswith("quant/")}
+    others = sorted(set(sources) - set(quant_files) - {"train_gpt.py"})
+    if others:
+        raise RecordError(f"logged sources {others} are neither train_gpt.py nor quant/*.py; cannot inline them")
+    lines = _src_lines(main_src)
+    begins = [i for i, line in enumerate(lines) if line.startswith(MARK_BEGIN)]
+    ends = [i for i, line in enumerate(lines) if line.startswith(MARK_END)]
+    if not quant_files:
+        if begins or ends:
+            raise RecordError("train_gpt.py has the inline-quant block but the log holds no quant/*.py sources")
+        return unpack(main_src) if is_packed(main_src) else main_src
+    if len(begins) != 1 or len(ends) != 1 or begins[0] > ends[0]:
+        raise RecordError(f"train_gpt.py must have exactly one `{MARK_BEGIN}` ... `{MARK_END}` block "
+                          f"(found {len(begins)} begin and {len(ends)} end markers)")
+    b, e = begins[0] + 1, ends[0] + 1  # 1-based line numbers of the markers
+    tree = _parse(main_src, "train_gpt.py")
+
+    # the marked block: `from quant import ...` only
+    wanted: set[str] = set()
+    block = [n for n in tree.body if b < n.lineno < e]
+    for node in block:
+        if not (isinstance(node, ast.ImportFrom) and node.module == "quant" and node.level == 0):
+            raise RecordError(f"train_gpt.py line {node.lineno}: only `from quant import ...` may sit in the inline block")
+        for a in node.names:
+            if a.asname and a.asname != a.name:
+                raise RecordError(f"train_gpt.py line {node.lineno}: `{a.name} as {a.asname}`: aliases are not inlined")
+            wanted.add(a.name)
+    stray = [n for n in _quant_imports(tree) if not b < n.lineno < e]
+    if stray:
+        raise RecordError(f"train_gpt.py line {stray[0].lineno}: quant is imported outside the inline block")
+
+    # train_gpt.py's own import block: the imports between `from __future__` and the marker
+    head = [n for n in tree.body if n.lineno < b and not (isinstance(n, ast.ImportFrom) and n.module == "__future__")]
+    if head and _is_docstring(head[0]) and head[0] is tree.body[0]:
+        head = head[1:]
+    if not head or not all(isinstance(n, ast.Import | ast.ImportFrom) for n in head):
+        raise RecordError("train_gpt.py: only imports may come between `from __future__ import annotations` and the "
+                          "inline-quant block (the builder merges the quant imports into them)")
+    first_import = head[0].lineno
+
+    # quant modules: bodies without docstring, imports, __all__
+    init = quant_files.pop("quant/__init__.py", None)
+    if init is not None:
+        for node in _parse(init, "quant/__init__.py").body:
+            is_all = isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "__all__"
+                                                          for t in node.targets)
+            if not (_is_docstring(node) or is_all or isinstance(node, ast.ImportFrom)):
+                raise RecordError(f"quant/__init__.py line {node.lineno}: only re-exports can be inlined")
+    mods = {Path(n).stem: _parse(s, n) for n, s in quant_files.items()}
+    order = _module_order(mods)
+    plain: set[tuple[str, str | None]] = set()
+    froms: dict[str, set[tuple[str, str | None]]] = {}
+    bound: dict[str, tuple[str, str]] = {}  # imported name -> (target, file)
+
+    def add_import(node: ast.Import | ast.ImportFrom, where: str) -> None:
+        for name, target in _bound_imports(node).items():
+            if name in bound and bound[name][0] != target:
+                raise RecordError(f"import clash: {where} binds {name} to {target}, {bound[name][1]} to {bound[name][0]}")
+            bound[name] = (target, where)
+        if isinstance(node, ast.Import):
+            plain.update((a.name, a.asname) for a in node.names)
+        else:
+            froms.setdefault(node.module, set()).update((a.name, a.asname) for a in node.names)
+
+    for node in head:
+        add_import(node, "train_gpt.py")
+    main_rest = [n for n in tree.body if n.lineno > e]
+    defined = {name: "train_gpt.py" for name in _top_level_names(main_rest)}
+    chunks: list[str] = []
+    needs: list[tuple[str, str, str]] = []  # (name, defining module, importing module) between quant modules
+    for mod in order:
+        fname = f"quant/{mod}.py"
+        src_lines = _src_lines(quant_files[fname])
+        drop: set[int] = set()
+        body = mods[mod].body
+        doc = ""
+        kept_nodes = []
+        for i, node in enumerate(body):
+            is_all = isinstance(node, ast.Assign | ast.AnnAssign) and any(
+                isinstance(t, ast.Name) and t.id == "__all__"
+                for t in (node.targets if isinstance(node, ast.Assign) else [node.target]))
+            if i == 0 and _is_docstring(node):
+                doc = node.value.value
+            elif isinstance(node, ast.Import | ast.ImportFrom):
+                if _quant_imports(node):
+                    needs += [(a.name, f"quant/{node.module.split('.', 1)[1]}.py", fname) for a in node.names]
+                elif not (isinstance(node, ast.ImportFrom) and node.module == "__future__"):
+                    add_import(node, fname)
+            elif not is_all:
+                kept_nodes.append(node)
+                continue
+            drop.update(range(node.lineno, node.end_lineno + 1))
+        for name in _top_level_names(kept_nodes):
+            if name in defined:
+                raise RecordError(f"name clash: {fname} and {defined[name]} both define `{name}` at top level; "
+                                  f"rename one (inlining puts them in one namespace)")
+            defined[name] = fname
+        kept = "\n".join(line for n, line in enumerate(src_lines, 1) if n not in drop)
+        kept = re.sub(r"\n{3,}", "\n\n\n", kept).strip("\n")
+        header = f"# ---- {fname}" + "".join(f"\n# {line}".rstrip() for line in doc.strip().splitlines())
+        chunks.append(f"{header}\n\n\n{kept}")
+    for name, src, user in needs:
+        if defined.get(name) != src:
+            raise RecordError(f"{user} imports `{name}` from {src}, which does not define it at top level")
+    for name in sorted(wanted):
+        if defined.get(name, "train_gpt.py") == "train_gpt.py":
+            raise RecordError(f"train_gpt.py imports `{name}` from quant but no inlined quant module defines it")
+    clash = sorted(set(defined) & set(bound))
+    if clash:
+        raise RecordError(f"name clash: `{clash[0]}` is both imported and defined at top level ({defined[clash[0]]})")
+
+    inlined = (f"{MARK_BEGIN}: {', '.join(f'quant/{m}.py' for m in order)} (inlined by tools/build_record.py)\n\n"
+               + "\n\n\n".join(chunks) + f"\n\n\n{MARK_END}")
+    out = lines[:first_import - 1] + [format_imports(plain, froms), "", inlined] + lines[e:]
+    text = "\n".join(out) + "\n"
+    _parse(text, "train_gpt_readable.py")
+    return text
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# pack, unpack, equivalence
+# -----------------------------------------------------------------------------------------------------------------
+
+class _StripForPack(ast.NodeTransformer):
+    """Docstrings out; annotations out where nothing can read them: class bodies keep theirs (dataclass fields)."""
+
+    def __init__(self, drop_signatures: bool):
+        self.drop_signatures = drop_signatures
+        self.in_class = [False]
+
+    def _body(self, node: ast.AST) -> None:
+        if node.body and _is_docstring(node.body[0]):
+            node.body = node.body[1:] or [ast.Pass()]
+
+    def visit_Module(self, node: ast.Module) -> ast.Module:
+        self._body(node)
+        self.generic_visit(node)
+        return node
+
+    def visit_ClassDef(self, node: ast.ClassDef) -> ast.ClassDef:
+        self._body(node)
+        self.in_class.append(True)
+        self.generic_visit(node)
+        self.in_class.pop()
+        return node
+
+    def _function(self, node: ast.FunctionDef | ast.AsyncFunctionDef) -> ast.AST:
+        self._body(node)
+        if self.drop_signatures:
+            a = node.args
+            for arg in [*a.posonlyargs, *a.args, *a.kwonlyargs, *(x for x in (a.vararg, a.kwarg) if x)]:
+                arg.annotation = None
+            node.returns = None
+        self.in_class.append(False)
+        self.generic_visit(node)
+        self.in_class.pop()
+        return node
+
+    visit_FunctionDef = visit_AsyncFunctionDef = _function
+
+    def visit_AnnAssign(self, node: ast.AnnAssign) -> ast.AST:
+        if self.in_class[-1] or node.value is None:  # dataclass fields; a bare `x: T` also declares a local
+            return node
+        return ast.Assign(targets=[node.target], value=node.value, lineno=node.lineno)
+
+
+def _one_space_indent(src: str) -> str:
+    """ast.unparse's 4-space indents as 1 space (-1.6% packed), except on lines inside multi-line string tokens."""
+    inside: set[int] = set()
+    for tok in tokenize.generate_tokens(io.StringIO(src).readline):
+        if tok.start[0] < tok.end[0] and tok.type in (tokenize.STRING, getattr(tokenize, "FSTRING_MIDDLE", -1)):
+            inside.update(range(tok.start[0] + 1, tok.end[0] + 1))
+    out = []
+    for n, line in enumerate(src.split("\n"), 1):
+        body = line.lstrip(" ")
+        out.append(line if n in inside else " " * ((len(line) - len(body)) // 4) + body)
+    return "\n".join(out)
+
+
+def strip_source(src: str) -> str:
+    """The source to pack: ast.unparse of the AST without docstrings and (when safe) signature annotations,
+    indented by one space."""
+    tree = _StripForPack(drop_signatures=not READS_ANNOTATIONS.search(src)).visit(_parse(src, "train_gpt_readable.py"))
+    return _one_space_indent(ast.unparse(ast.fix_missing_locations(tree)) + "\n")
+
+
+def pack(src: str) -> str:
+    """The 2-line self-extracting train_gpt.py for a readable source (deterministic: same input, same bytes)."""
+    blob = lzma.compress(strip_source(src).encode("utf-8"), format=lzma.FORMAT_RAW, filters=LZMA_FILTERS)
+    return WRAP_HEAD + base64.b85encode(blob).decode("ascii") + WRAP_TAIL
+
+
+def is_packed(text: str) -> bool:
+    return text.startswith(WRAP_HEAD) and text.endswith(WRAP_TAIL)
+
+
+def unpack(text: str) -> str:
+    """The source inside a packed train_gpt.py written by `pack`."""
+    if not is_packed(text):
+        raise RecordError("not a packed train_gpt.py (expected the 2-line lzma/base85 exec wrapper)")
+    blob = text[len(WRAP_HEAD):-len(WRAP_TAIL)]
+    try:
+        raw = lzma.decompress(base64.b85decode(blob), format=lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2}])
+        return raw.decode("utf-8")
+    except (ValueError, lzma.LZMAError, UnicodeDecodeError) as e:
+        raise RecordError(f"packed train_gpt.py does not decode: {e}") from None
+
+
+class _Normalize(ast.NodeTransformer):
+    """For equivalence: every docstring and every annotation gone (independent of what the packer chose to keep)."""
+
+    def generic_visit(self, node: ast.AST) -> ast.AST:
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+            if node.body and _is_docstring(node.body[0]):
+                node.body = node.body[1:] or [ast.Pass()]
+        if isinstance(node, ast.arg):
+            node.annotation = None
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            node.returns = None
+        return super().generic_visit(node)
+
+    def visit_AnnAssign(self, node: ast.AnnAssign) -> ast.AST:
+        self.generic_visit(node)
+        value = node.value if node.value is not None else ast.Constant(value=Ellipsis)
+        return ast.Assign(targets=[node.target], value=value, lineno=node.lineno)
+
+
+@functools.lru_cache(maxsize=16)  # pure; check_record compares the same few sources several times
+def normalized_dump(src: str, name: str) -> str:
+    return ast.dump(_Normalize().visit(_parse(src, name)))
+
+
+def check_equivalent(readable: str, packed: str) -> None:
+    """Raise RecordError unless the packed file decodes to the readable source modulo docstrings and annotations."""
+    a, b = normalized_dump(readable, "train_gpt_readable.py"), normalized_dump(unpack(packed), "packed train_gpt.py")
+    if a != b:
+        at = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        raise RecordError(f"packed train_gpt.py is not equivalent to the readable source (ASTs differ near "
+                          f"...{a[max(0, at - 60):at + 40]!r}...)")
