@@ -24,10 +24,11 @@ REF = "runs/bench/ref"
 def benches() -> list[tuple[str, str, list[str]]]:
     """(section, title, command) in run order."""
     return [
+        # as modules: run as a script, a bench puts bench/ first on sys.path, where bench/quant.py shadows quant/
         ("eval", "Eval: plain, sliding-window and TTT throughput",
-         ["bench/eval.py", "--run", REF, "--retrain"]),
+         ["-m", "bench.eval", "--run", REF, "--retrain"]),
         ("quant", "Quantization: GPTQ vs round-to-nearest vs the baseline's int8 + zlib",
-         ["bench/quant.py", "--checkpoint", f"{REF}/final_model.pt"]),
+         ["-m", "bench.quant", "--checkpoint", f"{REF}/final_model.pt"]),
         ("train", "Training: record stack vs baseline architecture; eager vs torch.compile",
          ["bench/train.py"]),
     ]

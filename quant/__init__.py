@@ -7,8 +7,10 @@ zstandard only; no module-level state. `python -m quant inspect ARTIFACT` explai
 from quant.codec import (
     ARTIFACT_CODECS,
     ARTIFACT_VERSION,
+    ARTIFACT_VERSIONS,
     ArtifactError,
     compress_bytes,
+    compress_payload,
     decode_artifact,
     decompress_bytes,
     encode_artifact,
@@ -18,6 +20,7 @@ from quant.codec import (
     save_artifact,
 )
 from quant.gptq import (
+    ROLES,
     QTensor,
     accumulate_hessian,
     dequantize,
@@ -25,18 +28,23 @@ from quant.gptq import (
     gptq_quantize_weight,
     quantize_state_dict,
 )
+from quant.lqer import LQERFactors, lqer_correction, lqer_factors
 from quant.pack import byte_shuffle, byte_unshuffle
 from quant.sdclip import quantize_rtn, sdclip_scale
 
 __all__ = [
     "ARTIFACT_CODECS",
     "ARTIFACT_VERSION",
+    "ARTIFACT_VERSIONS",
+    "ROLES",
     "ArtifactError",
+    "LQERFactors",
     "QTensor",
     "accumulate_hessian",
     "byte_shuffle",
     "byte_unshuffle",
     "compress_bytes",
+    "compress_payload",
     "decode_artifact",
     "decompress_bytes",
     "dequantize",
@@ -44,6 +52,8 @@ __all__ = [
     "encode_artifact",
     "gptq_quantize_weight",
     "load_artifact",
+    "lqer_correction",
+    "lqer_factors",
     "parse_artifact",
     "quantize_rtn",
     "quantize_state_dict",

@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from quant.codec import ArtifactError, compress_bytes, parse_artifact, read_artifact_file
+from quant.codec import ArtifactError, compress_bytes, compress_payload, parse_artifact, read_artifact_file
 from quant.gptq import QTensor
 from quant.pack import byte_shuffle
 
@@ -23,11 +23,35 @@ def order0_bits(values: torch.Tensor) -> float:
     return max(0.0, float(-(counts.double() * p.log2()).sum()))
 
 
+def lqer_bytes(qt: QTensor) -> bytes:
+    """A tensor's LQER factors as stored (A and B codes one per byte, then the fp16 scales byte-shuffled); b"" if none."""
+    f = qt.lqer
+    if f is None:
+        return b""
+    return (f.a_codes.numpy().tobytes() + f.b_codes.numpy().tobytes()
+            + byte_shuffle(f.a_scale.numpy().tobytes() + f.b_scale.numpy().tobytes(), 2))
+
+
 def tensor_bytes(qt: QTensor) -> bytes:
-    """A tensor's payload bytes laid out as in the artifact (codes raw; fp16 scales / passthrough byte-shuffled)."""
+    """A tensor's payload bytes laid out as in the artifact (codes raw; fp16 scales / passthrough byte-shuffled),
+    followed by its LQER factors if it has them."""
     if qt.kind == "passthrough":
         return byte_shuffle(qt.data.reshape(-1).view(torch.uint8).numpy().tobytes(), 2)
-    return qt.codes.numpy().tobytes() + byte_shuffle(qt.scale.numpy().tobytes(), 2)
+    return qt.codes.numpy().tobytes() + byte_shuffle(qt.scale.numpy().tobytes(), 2) + lqer_bytes(qt)
+
+
+def alone_bytes(qt: QTensor, codec: str) -> int:
+    """A tensor's payload compressed alone as the artifact's codec would (rans: its codes and factors one segment each,
+    its side data with brotli-11)."""
+    if codec != "rans" or qt.kind == "passthrough":
+        return len(compress_bytes(tensor_bytes(qt), "brotli" if codec == "rans" else codec))
+    codes, segments, side = [qt.codes.numpy().tobytes()], [qt.codes.numel()], [qt.scale.numpy().tobytes()]
+    if qt.lqer is not None:
+        f = qt.lqer
+        codes += [f.a_codes.numpy().tobytes(), f.b_codes.numpy().tobytes()]
+        segments += [f.a_codes.numel(), f.b_codes.numel()]
+        side += [f.a_scale.numpy().tobytes(), f.b_scale.numpy().tobytes()]
+    return len(compress_payload(b"".join(codes), segments, byte_shuffle(b"".join(side), 2), "rans")[0])
 
 
 def inspect(path: str) -> None:
@@ -41,7 +65,12 @@ def inspect(path: str) -> None:
     print(f"share: each tensor's bytes compressed alone with {m['codec']} (artifact settings), scaled so the shares sum "
           f"to the compressed payload; H0: order-0 entropy of the codes (passthrough: of the stored values), "
           f"bound = H0 of codes + H0 of the fp16 scales (16-bit symbols)", flush=True)
-    alone = [len(compress_bytes(tensor_bytes(qt), m["codec"])) for qt in qts]
+    if m["codec"] == "rans":
+        r = m["rans"]
+        print(f"rans: codes in order-0 rANS with one frequency table per tensor and per LQER factor, {r['lanes']} lanes, "
+              f"{r['words_bytes']:,} bytes of words; tables ({r['tables_bytes']:,} bytes), lane states, scales and "
+              f"passthrough data in brotli-11")
+    alone = [alone_bytes(qt, m["codec"]) for qt in qts]
     k = compressed / max(1, sum(alone))
     rows, tot_raw, tot_bound = [], 0, 0.0
     for qt, a in zip(qts, alone, strict=True):
@@ -51,6 +80,11 @@ def inspect(path: str) -> None:
         else:
             sym, n, raw = order0_bits(qt.codes), qt.codes.numel(), qt.codes.numel() + 2 * qt.shape[0]
             bound, label = (sym + order0_bits(qt.scale)) / 8, f"{qt.kind} int{qt.bits}"
+            if qt.lqer is not None:  # raw bytes and bound include the LQER factors; H0 bits/sym stays the main codes'
+                f = qt.lqer
+                raw += len(lqer_bytes(qt))
+                bound += sum(order0_bits(t) for t in (f.a_codes, f.b_codes, f.a_scale, f.b_scale)) / 8
+                label += f"+lqer{f.rank}"
         tot_raw += raw
         tot_bound += bound
         rows.append((qt.name, "x".join(map(str, qt.shape)) or "scalar", label, qt.dtype, f"{raw:,}", f"{a * k:,.0f}",
@@ -63,6 +97,21 @@ def inspect(path: str) -> None:
         print("  ".join(c.ljust(w) if i < 4 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))))
     print(f"entropy bound: compressed payload {compressed:,} / order-0 bound {math.ceil(tot_bound):,} bytes "
           f"= {compressed / max(1.0, tot_bound):.4f}")
+    lq = [qt for qt in qts if qt.lqer is not None]
+    if lq:
+        print(f"LQER: {len(lq)} tensor{'s' if len(lq) > 1 else ''} with a low-rank correction W = q*s + (qA*sA)(qB*sB) "
+              f"(kind +lqerR above; their raw bytes, share and bound include it); per tensor, raw = A and B codes one "
+              f"per byte + fp16 scales, alone = compressed alone with {m['codec']}:")
+    raw_total, alone_total = 0, 0
+    for qt in lq:
+        f, raw = qt.lqer, lqer_bytes(qt)
+        alone = len(compress_bytes(raw, m["codec"]))
+        raw_total, alone_total = raw_total + len(raw), alone_total + alone
+        print(f"lqer {qt.name}: rank {f.rank}, group {f.group}; A int2 {'x'.join(map(str, f.a_codes.shape))} "
+              f"(scale {f.a_scale.float().item():.4g}), B int4 {'x'.join(map(str, f.b_codes.shape))} in "
+              f"{f.b_scale.numel()} groups: {len(raw):,} raw bytes, {alone:,} alone")
+    if lq:
+        print(f"LQER total: {raw_total:,} raw bytes, {alone_total:,} compressed alone")
 
 
 def main(argv: list[str] | None = None) -> int:

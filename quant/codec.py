@@ -17,17 +17,22 @@ import tempfile
 import zlib
 
 import brotli
+import numpy as np
 import torch
 import zstandard
 
 from quant.gptq import QTensor
+from quant.lqer import LQER_A_RANGE, LQER_B_RANGE, LQERFactors, lqer_group_count
 from quant.pack import byte_shuffle, byte_unshuffle
+from quant.rans import RANS_MAX_LANES, rans_decode, rans_encode, rans_lanes
 
 __all__ = [
     "ARTIFACT_CODECS",
     "ARTIFACT_VERSION",
+    "ARTIFACT_VERSIONS",
     "ArtifactError",
     "compress_bytes",
+    "compress_payload",
     "decode_artifact",
     "decompress_bytes",
     "encode_artifact",
@@ -38,11 +43,14 @@ __all__ = [
 ]
 
 ARTIFACT_MAGIC = b"PGQ"
-ARTIFACT_VERSION = 1
-ARTIFACT_CODECS = ("brotli", "zstd", "lzma")
+ARTIFACT_VERSION = 2  # the newest format version written and read; version 1 (no LQER) is still read
+ARTIFACT_VERSIONS = (1, 2)
+ARTIFACT_CODECS = ("brotli", "zstd", "lzma", "rans")  # rans: format version 2 only
 ARTIFACT_MAX_BYTES = 1 << 28  # default cap on the decompressed payload (a record's is ~37 MB)
 _PGQ_MANIFEST_MAX = 1 << 24  # cap on the decompressed manifest (~160 bytes per tensor)
 _PGQ_HEADER = struct.Struct("<3sBII")  # magic, version, manifest length, manifest crc32
+_RANS_MAX_SEGMENTS = 2048  # the decoder's slot tables take 32 KiB per code segment (a record has ~80)
+_RANS_BYTES = struct.Struct("<IIII")  # compress_bytes(..., "rans") framing: symbols, lanes, tables bytes, words bytes
 _PGQ_DTYPES = ("float32", "float16", "bfloat16", "float64", "int8", "uint8", "int16", "int32", "int64", "bool")
 
 
@@ -56,7 +64,12 @@ def _pgq_store_dtype(dtype: str) -> str:
 
 
 def compress_bytes(data: bytes, codec: str) -> bytes:
-    """Compress with brotli quality 11, zstd level 22 or lzma preset 9e (all deterministic)."""
+    """Compress with brotli quality 11, zstd level 22, lzma preset 9e or order-0 rANS over the bytes as one segment
+    (all deterministic). In an artifact, "rans" codes each tensor's codes with its own table instead."""
+    if codec == "rans":
+        lanes = rans_lanes(len(data))
+        tables, states, words = rans_encode(np.frombuffer(data, dtype=np.int8), [len(data)], lanes)
+        return _RANS_BYTES.pack(len(data), lanes, len(tables), len(words)) + tables + states + words
     if codec == "brotli":
         return brotli.compress(data, quality=11)
     if codec == "zstd":
@@ -69,7 +82,15 @@ def compress_bytes(data: bytes, codec: str) -> bytes:
 def decompress_bytes(data: bytes, codec: str, limit: int) -> bytes:
     """Decompress at most `limit` bytes: output is produced in bounded steps, so a bomb stops at the cap."""
     try:
-        if codec == "brotli":
+        if codec == "rans":
+            _ensure(len(data) >= _RANS_BYTES.size, "rans stream is truncated")
+            n, lanes, nt, nw = _RANS_BYTES.unpack_from(data)
+            _ensure(n <= limit, f"{codec} stream decompresses to more than the {limit:,} bytes allowed")
+            _ensure(lanes == rans_lanes(n), f"rans stream has {lanes} lanes for {n:,} bytes, expected {rans_lanes(n)}")
+            _ensure(_RANS_BYTES.size + nt + 4 * lanes + nw == len(data), "rans stream lengths disagree with its size")
+            body = data[_RANS_BYTES.size:]
+            out = rans_decode(body[:nt], body[nt:nt + 4 * lanes], body[nt + 4 * lanes:], [n], lanes).tobytes()
+        elif codec == "brotli":
             d, parts, total = brotli.Decompressor(), [], 0
             chunk = d.process(data, output_buffer_limit=limit + 1)
             while True:
@@ -94,13 +115,20 @@ def decompress_bytes(data: bytes, codec: str, limit: int) -> bytes:
             raise ArtifactError(f"unknown codec {codec!r}")
     except (brotli.error, zstandard.ZstdError, lzma.LZMAError, MemoryError) as e:
         raise ArtifactError(f"{codec} stream does not decompress: {e}") from None
+    except ValueError as e:  # rans: every inconsistency of the stream
+        if isinstance(e, ArtifactError):
+            raise
+        raise ArtifactError(f"{codec} stream does not decode: {e}") from None
     if len(out) > limit:
         raise ArtifactError(f"{codec} stream decompresses to more than the {limit:,} bytes allowed")
     return out
 
 
 def _artifact_layout(entries: list[dict]) -> tuple[int, int, list[dict]]:
-    """Spans [offset, length] of every tensor's codes / scale / data in the payload; returns (codes, total, spans)."""
+    """Spans [offset, length] of every tensor's codes / scale / data in the payload; returns (codes, total, spans).
+
+    Codes region: every quantized tensor's codes in manifest order, then the LQER codes (A then B) of the tensors that
+    have them. Side region: every tensor's fp16 scales or passthrough data in manifest order, then the LQER scales."""
     codes_end, spans = 0, []
     for e in entries:
         numel = 1
@@ -111,17 +139,49 @@ def _artifact_layout(entries: list[dict]) -> tuple[int, int, list[dict]]:
         else:
             spans.append({"codes": [codes_end, numel], "scale": 2 * e["shape"][0]})
             codes_end += numel
+    lqer = [(s, e["shape"], e["lqer"]) for e, s in zip(entries, spans, strict=True) if "lqer" in e]
+    for s, (rows, cols), f in lqer:
+        s["lqer"] = {"rank": f["rank"], "group": f["group"], "a_codes": [codes_end, rows * f["rank"]],
+                     "b_codes": [codes_end + rows * f["rank"], f["rank"] * cols]}
+        codes_end += (rows + cols) * f["rank"]
     side = codes_end
     for s in spans:
         key = "data" if "data" in s else "scale"
         s[key] = [side, s[key]]
         side += s[key][1]
+    for s, (_, cols), f in lqer:
+        groups = lqer_group_count(f["rank"], cols, f["group"])
+        s["lqer"].update(a_scale=[side, 2], b_scale=[side + 2, 2 * groups])
+        side += 2 + 2 * groups
     return codes_end, side, spans
+
+
+def _code_segments(spans: list[dict]) -> list[int]:
+    """Lengths of the codes region's segments in payload order: every quantized tensor's codes, then every LQER A and
+    B (the order `_artifact_layout` lays them out); "rans" gives each segment its own frequency table."""
+    main = [s["codes"][1] for s in spans if "codes" in s]
+    return main + [n for s in spans if "lqer" in s for n in (s["lqer"]["a_codes"][1], s["lqer"]["b_codes"][1])]
+
+
+def compress_payload(codes: bytes, segments: list[int], side: bytes, codec: str) -> tuple[bytes, dict]:
+    """The compressed payload of an artifact and its extra manifest fields, from the codes region (int8 codes; the
+    lengths of its segments), and the side region as stored (already byte-shuffled).
+
+    brotli / zstd / lzma compress codes + side as one stream. "rans" codes every segment of the codes region with its
+    own order-0 table (quant/rans.py) and compresses the tables, the lane states and the side region with brotli-11."""
+    if codec != "rans":
+        return compress_bytes(codes + side, codec), {}
+    if len(segments) > _RANS_MAX_SEGMENTS:
+        raise ValueError(f"compress_payload: rans takes at most {_RANS_MAX_SEGMENTS} code segments, got {len(segments)}")
+    lanes = rans_lanes(len(codes))
+    tables, states, words = rans_encode(np.frombuffer(codes, dtype=np.int8), segments, lanes)
+    extra = {"rans": {"lanes": lanes, "tables_bytes": len(tables), "words_bytes": len(words)}}
+    return words + compress_bytes(tables + states + side, "brotli"), extra
 
 
 def encode_artifact(qtensors: list[QTensor], codec: str = "brotli") -> bytes:
     """Serialize QTensors (in list order) into artifact bytes; the same input gives byte-identical output."""
-    entries, codes, side = [], [], []
+    entries, codes, side, lqer_codes, lqer_side = [], [], [], [], []
     for qt in qtensors:
         if qt.dtype not in _PGQ_DTYPES:
             raise ValueError(f"encode_artifact: {qt.name} has unsupported dtype {qt.dtype}")
@@ -138,18 +198,32 @@ def encode_artifact(qtensors: list[QTensor], codec: str = "brotli") -> bytes:
             e["bits"] = qt.bits
             codes.append(qt.codes.contiguous().numpy().tobytes())
             side.append(qt.scale.contiguous().numpy().tobytes())
+            if qt.lqer is not None:
+                f = qt.lqer
+                rows, cols = qt.shape
+                if (f.a_codes.dtype != torch.int8 or tuple(f.a_codes.shape) != (rows, f.rank)
+                        or f.b_codes.dtype != torch.int8 or tuple(f.b_codes.shape) != (f.rank, cols)
+                        or f.a_scale.dtype != torch.float16 or f.a_scale.numel() != 1 or f.b_scale.dtype != torch.float16
+                        or f.b_scale.numel() != lqer_group_count(f.rank, cols, f.group)):
+                    raise ValueError(f"encode_artifact: {qt.name} has malformed LQER factors")
+                e["lqer"] = {"rank": f.rank, "group": f.group}
+                lqer_codes += [f.a_codes.contiguous().numpy().tobytes(), f.b_codes.contiguous().numpy().tobytes()]
+                lqer_side += [f.a_scale.reshape(1).numpy().tobytes(), f.b_scale.contiguous().numpy().tobytes()]
         entries.append(e)
     codes_bytes, payload_bytes, spans = _artifact_layout(entries)
     for e, s in zip(entries, spans, strict=True):
         e.update(s)
-    compressed = compress_bytes(b"".join(codes) + byte_shuffle(b"".join(side), 2), codec)
+    # the lowest version that can hold the content, so older loaders read what they can
+    version = 2 if lqer_codes or codec == "rans" else 1
+    compressed, extra = compress_payload(b"".join(codes + lqer_codes), _code_segments(spans),
+                                         byte_shuffle(b"".join(side + lqer_side), 2), codec)
     manifest = {
         "codec": codec, "packing": "int8", "scale_layout": "row-fp16", "shuffle": 2, "codes_bytes": codes_bytes,
         "payload_bytes": payload_bytes, "compressed_bytes": len(compressed), "compressed_crc32": zlib.crc32(compressed),
-        "tensors": entries,
+        "tensors": entries, **extra,
     }
     m = brotli.compress(json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode(), quality=11)
-    return _PGQ_HEADER.pack(ARTIFACT_MAGIC, ARTIFACT_VERSION, len(m), zlib.crc32(m)) + m + compressed
+    return _PGQ_HEADER.pack(ARTIFACT_MAGIC, version, len(m), zlib.crc32(m)) + m + compressed
 
 
 def _ensure(ok: bool, msg: str) -> None:
@@ -161,7 +235,7 @@ def _is_count(x: object, lo: int = 0, hi: int = 1 << 62) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and lo <= x <= hi
 
 
-def _check_manifest_entry(e: object, i: int) -> None:
+def _check_manifest_entry(e: object, i: int, version: int) -> None:
     """Schema of one manifest tensor entry (types and ranges; spans are checked against the layout afterwards)."""
     _ensure(isinstance(e, dict), f"manifest tensor #{i} is not an object")
     name = e.get("name")
@@ -179,7 +253,41 @@ def _check_manifest_entry(e: object, i: int) -> None:
         _ensure(len(shape) == 2 and getattr(torch, dtype).is_floating_point, f"{name}: quantized tensors are 2-D floats")
         _ensure(_is_count(e.get("bits"), 2, 8), f"{name}: bits must be 2..8, got {e.get('bits')!r}")
         keys = {"name", "shape", "dtype", "kind", "bits", "codes", "scale"}
+        if version >= 2 and "lqer" in e:
+            keys.add("lqer")
+            f = e["lqer"]
+            _ensure(isinstance(f, dict), f"{name}: lqer is not an object")
+            _ensure(_is_count(f.get("rank"), 1, min(shape)), f"{name}: lqer rank must be 1..{min(shape)}, "
+                    f"got {f.get('rank')!r}")
+            _ensure(_is_count(f.get("group"), 1, 1 << 20), f"{name}: lqer group must be 1..{1 << 20}, got "
+                    f"{f.get('group')!r}")
+            lkeys = {"rank", "group", "a_codes", "a_scale", "b_codes", "b_scale"}
+            _ensure(set(f) == lkeys, f"{name}: lqer keys {sorted(f)} != {sorted(lkeys)}")
     _ensure(set(e) == keys, f"{name}: manifest keys {sorted(e)} != {sorted(keys)}")
+
+
+def _rans_payload(m: dict, payload: bytes, spans: list[dict], codes_bytes: int, payload_bytes: int) -> bytes:
+    """The decompressed payload of a "rans" artifact: rANS words, then brotli(tables + lane states + side region)."""
+    r = m["rans"]
+    _ensure(isinstance(r, dict) and set(r) == {"lanes", "tables_bytes", "words_bytes"},
+            f"rans parameters {r!r} must be an object with lanes, tables_bytes and words_bytes")
+    segments = _code_segments(spans)
+    _ensure(len(segments) <= _RANS_MAX_SEGMENTS, f"rans takes at most {_RANS_MAX_SEGMENTS} code segments")
+    lanes, tb, wb = r["lanes"], r["tables_bytes"], r["words_bytes"]
+    _ensure(_is_count(lanes, 1, RANS_MAX_LANES), f"rans lanes must be 1..{RANS_MAX_LANES}, got {lanes!r}")
+    # the writer's choice, enforced: few lanes for many codes would make the decoder take ~one numpy step per code
+    _ensure(lanes == rans_lanes(codes_bytes), f"rans lanes must be {rans_lanes(codes_bytes)} for {codes_bytes:,} codes, "
+            f"got {lanes}")
+    _ensure(_is_count(tb, 0, 2 * 258 * len(segments)) and tb % 2 == 0, f"bad rans tables size {tb!r}")
+    _ensure(_is_count(wb, 0, len(payload)) and wb % 2 == 0, f"bad rans words size {wb!r}")
+    tail_len = tb + 4 * lanes + payload_bytes - codes_bytes
+    tail = decompress_bytes(payload[wb:], "brotli", tail_len)
+    _ensure(len(tail) == tail_len, f"rans side stream decompresses to {len(tail):,} bytes, expected {tail_len:,}")
+    try:
+        codes = rans_decode(tail[:tb], tail[tb:tb + 4 * lanes], payload[:wb], segments, lanes)
+    except ValueError as e:
+        raise ArtifactError(f"rans codes do not decode: {e}") from None
+    return codes.tobytes() + tail[tb + 4 * lanes:]
 
 
 def parse_artifact(blob: bytes, max_decompressed_bytes: int = ARTIFACT_MAX_BYTES) -> tuple[dict, list[QTensor]]:
@@ -187,7 +295,8 @@ def parse_artifact(blob: bytes, max_decompressed_bytes: int = ARTIFACT_MAX_BYTES
     _ensure(len(blob) >= _PGQ_HEADER.size, f"truncated: {len(blob)} bytes, shorter than the {_PGQ_HEADER.size}-byte header")
     magic, version, mlen, mcrc = _PGQ_HEADER.unpack_from(blob)
     _ensure(magic == ARTIFACT_MAGIC, "not a pgolf quant artifact (bad magic)")
-    _ensure(version == ARTIFACT_VERSION, f"artifact format version {version}; this loader reads version {ARTIFACT_VERSION}")
+    _ensure(version in ARTIFACT_VERSIONS, f"artifact format version {version}; this loader reads versions "
+            f"{', '.join(map(str, ARTIFACT_VERSIONS))}")
     _ensure(mlen <= len(blob) - _PGQ_HEADER.size, f"manifest length {mlen:,} exceeds the file ({len(blob):,} bytes)")
     mbytes = blob[_PGQ_HEADER.size:_PGQ_HEADER.size + mlen]
     _ensure(zlib.crc32(mbytes) == mcrc, "manifest checksum mismatch (corrupt file)")
@@ -199,8 +308,11 @@ def parse_artifact(blob: bytes, max_decompressed_bytes: int = ARTIFACT_MAX_BYTES
     _ensure(isinstance(m, dict), "manifest is not a JSON object")
     keys = {"codec", "packing", "scale_layout", "shuffle", "codes_bytes", "payload_bytes", "compressed_bytes",
             "compressed_crc32", "tensors"}
+    codecs = ARTIFACT_CODECS if version >= 2 else ("brotli", "zstd", "lzma")
+    _ensure(m.get("codec") in codecs, f"unknown codec {m.get('codec')!r} for format version {version}")
+    if m["codec"] == "rans":
+        keys.add("rans")
     _ensure(set(m) == keys, f"manifest keys {sorted(m)} != {sorted(keys)}")
-    _ensure(m["codec"] in ARTIFACT_CODECS, f"unknown codec {m['codec']!r}")
     _ensure(m["packing"] == "int8", f"unknown packing {m['packing']!r}")
     _ensure(m["scale_layout"] == "row-fp16", f"unknown scale layout {m['scale_layout']!r}")
     _ensure(_is_count(m["shuffle"], 1, 16), f"bad shuffle stride {m['shuffle']!r}")
@@ -210,7 +322,7 @@ def parse_artifact(blob: bytes, max_decompressed_bytes: int = ARTIFACT_MAX_BYTES
     _ensure(zlib.crc32(payload) == m["compressed_crc32"], "payload checksum mismatch (corrupt file)")
     _ensure(isinstance(m["tensors"], list), "manifest 'tensors' is not a list")
     for i, e in enumerate(m["tensors"]):
-        _check_manifest_entry(e, i)
+        _check_manifest_entry(e, i, version)
     names = [e["name"] for e in m["tensors"]]
     _ensure(len(set(names)) == len(names), "duplicate tensor names in the manifest")
     codes_bytes, payload_bytes, spans = _artifact_layout(m["tensors"])
@@ -221,7 +333,10 @@ def parse_artifact(blob: bytes, max_decompressed_bytes: int = ARTIFACT_MAX_BYTES
         _ensure(all(e[k] == v for k, v in s.items()), f"{e['name']}: offsets/lengths disagree with its shape and dtype")
     _ensure(payload_bytes <= max_decompressed_bytes,
             f"payload of {payload_bytes:,} bytes exceeds the cap of {max_decompressed_bytes:,} bytes")
-    raw = decompress_bytes(payload, m["codec"], payload_bytes)
+    if m["codec"] == "rans":
+        raw = _rans_payload(m, payload, spans, codes_bytes, payload_bytes)
+    else:
+        raw = decompress_bytes(payload, m["codec"], payload_bytes)
     _ensure(len(raw) == payload_bytes, f"payload decompresses to {len(raw):,} bytes, manifest says {payload_bytes:,}")
     raw = raw[:codes_bytes] + byte_unshuffle(raw[codes_bytes:], m["shuffle"])
 
@@ -243,7 +358,17 @@ def parse_artifact(blob: bytes, max_decompressed_bytes: int = ARTIFACT_MAX_BYTES
             lo, hi = torch.aminmax(codes)
             _ensure(-clip_range <= lo and hi <= clip_range, f"{e['name']}: codes exceed ±{clip_range} for int{e['bits']}")
         scale = tensor(s["scale"], torch.float16, [shape[0]])
-        out.append(QTensor(e["name"], shape, e["dtype"], e["kind"], e["bits"], codes, scale))
+        lqer = None
+        if "lqer" in e:
+            sl, r = s["lqer"], e["lqer"]["rank"]
+            a = tensor(sl["a_codes"], torch.int8, [shape[0], r])
+            b = tensor(sl["b_codes"], torch.int8, [r, shape[1]])
+            for what, c, (lo, hi) in (("A", a, LQER_A_RANGE), ("B", b, LQER_B_RANGE)):
+                cl, ch = torch.aminmax(c)
+                _ensure(lo <= cl and ch <= hi, f"{e['name']}: LQER {what} codes exceed [{lo}, {hi}]")
+            lqer = LQERFactors(a, tensor(sl["a_scale"], torch.float16, [1]), b,
+                               tensor(sl["b_scale"], torch.float16, [sl["b_scale"][1] // 2]), e["lqer"]["group"])
+        out.append(QTensor(e["name"], shape, e["dtype"], e["kind"], e["bits"], codes, scale, lqer=lqer))
     return m, out
 
 

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
 
+from quant.lqer import LQERFactors, lqer_correction, lqer_factors
 from quant.sdclip import quantize_rtn, sdclip_scale
 
 __all__ = [
+    "ROLES",
     "QTensor",
     "accumulate_hessian",
     "dequantize",
@@ -87,7 +90,8 @@ class QTensor:
     """One entry of a quantized state dict: either codes (int8 [rows, cols]) + scale (fp16 [rows]), or passthrough data.
 
     `kind` is "gptq", "rtn" or "passthrough"; `bits` is the code width (0 for passthrough); `dtype` names the original
-    dtype restored by `dequantize`; `data` holds passthrough values (fp16 for floats, the original dtype otherwise).
+    dtype restored by `dequantize`; `data` holds passthrough values (fp16 for floats, the original dtype otherwise);
+    `lqer` holds the optional low-rank correction of a quantized matrix (quant/lqer.py).
     """
 
     name: str
@@ -98,6 +102,15 @@ class QTensor:
     codes: Tensor | None = None
     scale: Tensor | None = None
     data: Tensor | None = None
+    lqer: LQERFactors | None = None
+
+
+ROLES = ("embed", "attn", "mlp", "matrix")  # quantization roles of matrices; the caller assigns them (no name rules)
+
+
+def _check_bits(what: str, bits: int) -> None:
+    if not (isinstance(bits, int) and 2 <= bits <= 8):
+        raise ValueError(f"quantize_state_dict: {what} must be an int in 2..8 (codes live in int8), got {bits!r}")
 
 
 def quantize_state_dict(
@@ -111,46 +124,107 @@ def quantize_state_dict(
     embed_names: tuple[str, ...] = ("tok_emb.weight",),
     passthrough_numel: int = 65536,
     method: str = "gptq",
+    roles: Mapping[str, str] | None = None,
+    attn_bits: int | None = None,
+    attn_clip_sigmas: float | None = None,
+    mlp_bits: int | None = None,
+    mlp_clip_sigmas: float | None = None,
+    lqer_rank: int = 0,
+    lqer_top_k: int = 3,
+    lqer_group: int = 64,
 ) -> list[QTensor]:
     """Quantize a state dict in its order: 2-D floats above `passthrough_numel` elements get SDClip codes (GPTQ with
     their Hessian, round-to-nearest without one or with method="rtn"); everything else is passthrough (floats as fp16).
     Runs on the weights' device; the returned tensors are on the CPU.
 
-    Embeddings (`embed_names`) use the embed bits/sigmas and are GPTQ'd as the tied output head: rows = vocab,
-    Hessian of the final hidden states (PR #1493).
+    Roles: without `roles`, a quantized tensor named in `embed_names` is an "embed", every other one a "matrix".
+    With `roles` (name -> one of ROLES), every quantized tensor must be named there and `embed_names` is not used.
+    Bits and SDClip sigmas per role: embed -> embed_bits / embed_clip_sigmas; attn -> attn_bits / attn_clip_sigmas;
+    mlp -> mlp_bits / mlp_clip_sigmas; matrix -> matrix_bits / matrix_clip_sigmas. An attn or mlp value left None
+    falls back to the matrix value (per-role sigmas: record N, e.g. int7 embeddings at 14-15σ, MLP 11.5-12σ, attention
+    13σ, other matrices 12.85σ). The embedding is GPTQ'd as the tied output head: rows = vocab, Hessian of the final
+    hidden states (PR #1493).
+
+    LQER (`lqer_rank` > 0 and `lqer_top_k` > 0): the `lqer_top_k` quantized tensors with the largest residual
+    ‖W − q·s‖_F get a rank-`lqer_rank` INT2/INT4 correction with INT4 groups of `lqer_group` (quant/lqer.py).
+    The defaults (no roles, no LQER) give today's output exactly.
     """
     if method not in ("gptq", "rtn"):
         raise ValueError(f"quantize_state_dict: method must be 'gptq' or 'rtn', got {method!r}")
-    out = []
+    per_role_given = [k for k, v in (("attn_bits", attn_bits), ("attn_clip_sigmas", attn_clip_sigmas),
+                                     ("mlp_bits", mlp_bits), ("mlp_clip_sigmas", mlp_clip_sigmas)) if v is not None]
+    if roles is None and per_role_given:
+        raise ValueError(f"quantize_state_dict: {', '.join(per_role_given)} need roles= (name -> role) to apply")
+    bits_of = {"embed": embed_bits, "matrix": matrix_bits, "attn": matrix_bits if attn_bits is None else attn_bits,
+               "mlp": matrix_bits if mlp_bits is None else mlp_bits}
+    sigmas_of = {"embed": embed_clip_sigmas, "matrix": matrix_clip_sigmas,
+                 "attn": matrix_clip_sigmas if attn_clip_sigmas is None else attn_clip_sigmas,
+                 "mlp": matrix_clip_sigmas if mlp_clip_sigmas is None else mlp_clip_sigmas}
+    for role, bits in bits_of.items():
+        _check_bits(f"{role} bits", bits)
+    for role, sig in sigmas_of.items():
+        if not sig > 0:
+            raise ValueError(f"quantize_state_dict: {role} clip sigmas must be > 0, got {sig!r}")
+    lqer_on = lqer_rank > 0 and lqer_top_k > 0
+    if lqer_rank < 0 or lqer_top_k < 0 or lqer_group < 1:
+        raise ValueError(f"quantize_state_dict: need lqer_rank >= 0, lqer_top_k >= 0 and lqer_group >= 1, got "
+                         f"{lqer_rank}, {lqer_top_k}, {lqer_group}")
+
+    def quantized(t: Tensor) -> bool:
+        return t.is_floating_point() and t.ndim == 2 and t.numel() > passthrough_numel
+
+    if roles is not None:
+        unknown = sorted({r for r in roles.values() if r not in ROLES})
+        missing = [n for n, t in state.items() if quantized(t) and n not in roles]
+        stray = [n for n in roles if n not in state]
+        if unknown or missing or stray:
+            raise ValueError("quantize_state_dict: roles= " + "; ".join(
+                msg for msg in (f"has unknown roles {unknown} (use {', '.join(ROLES)})" if unknown else "",
+                                f"misses quantized tensors {missing[:5]}" if missing else "",
+                                f"names tensors not in the state dict {stray[:5]}" if stray else "") if msg))
+    out, residual_norms = [], {}
     for name, t in state.items():
         t = t.detach()
         dtype = str(t.dtype).removeprefix("torch.")
-        if not t.is_floating_point() or t.ndim != 2 or t.numel() <= passthrough_numel:
+        if not quantized(t):
             data = t.half() if t.is_floating_point() else t
             out.append(QTensor(name, tuple(t.shape), dtype, "passthrough", data=data.cpu().clone().contiguous()))
             continue
-        embed = name in embed_names
-        bits = embed_bits if embed else matrix_bits
+        role = roles[name] if roles is not None else ("embed" if name in embed_names else "matrix")
+        bits = bits_of[role]
         clip_range = 2 ** (bits - 1) - 1
-        scale = sdclip_scale(t, embed_clip_sigmas if embed else matrix_clip_sigmas, clip_range)
+        scale = sdclip_scale(t, sigmas_of[role], clip_range)
         H = hessians.get(name)
         if method == "gptq" and H is not None:
             codes, kind = gptq_quantize_weight(t, H, scale, clip_range), "gptq"
         else:
             codes, kind = quantize_rtn(t, scale, clip_range), "rtn"
+        if lqer_on:
+            residual_norms[len(out)] = float(torch.linalg.vector_norm(t.float() - codes.float() * scale.float()[:, None]))
         out.append(QTensor(name, tuple(t.shape), dtype, kind, bits, codes.cpu().contiguous(), scale.cpu()))
+    if lqer_on:
+        top = sorted(residual_norms, key=lambda i: -residual_norms[i])[:lqer_top_k]
+        for i in sorted(top):
+            qt = out[i]
+            w = state[qt.name].detach().to("cpu", torch.float32)
+            residual = w - qt.codes.float() * qt.scale.float()[:, None]
+            out[i] = replace(qt, lqer=lqer_factors(residual, lqer_rank, lqer_group))
     return out
 
 
 def dequantize(qtensors: list[QTensor]) -> dict[str, Tensor]:
-    """State dict back from QTensors: `W = q·s[:, None]` (fp32 math) or passthrough data, cast to the original dtype."""
+    """State dict back from QTensors: `W = q·s[:, None]` (+ the LQER correction `(qA·sA)(qB·sB)` where present; fp32
+    math) or passthrough data, cast to the original dtype."""
     out = {}
     for qt in qtensors:
         dtype = getattr(torch, qt.dtype)
         if qt.kind == "passthrough":
             out[qt.name] = qt.data.to(dtype).reshape(qt.shape)
         else:
-            out[qt.name] = (qt.codes.float() * qt.scale.float()[:, None]).to(dtype)
+            w = qt.codes.float() * qt.scale.float()[:, None]
+            if qt.lqer is not None:
+                w = w + lqer_correction(qt.lqer)
+            out[qt.name] = w.to(dtype)
     return out
 
 
@@ -159,6 +233,6 @@ def describe(qtensors: list[QTensor]) -> list[str]:
     groups: dict[str, set[str]] = {}
     for qt in qtensors:
         label = (f"passthrough ({str(qt.data.dtype).removeprefix('torch.')})" if qt.kind == "passthrough"
-                 else f"{qt.kind} (int{qt.bits})")
+                 else f"{qt.kind} (int{qt.bits})" + (f" + lqer (rank {qt.lqer.rank})" if qt.lqer is not None else ""))
         groups.setdefault(label, set()).add(re.sub(r"\.\d+(?=\.|$)", "", qt.name))
     return [f"{label}: {', '.join(sorted(names))}" for label, names in sorted(groups.items())]

@@ -285,8 +285,9 @@ def test_rejects_bit_flips(good_blob: bytes) -> None:
 
 
 def test_rejects_wrong_version_and_magic(good_blob: bytes) -> None:
-    msg = rejects(good_blob[:3] + b"\x02" + good_blob[4:])
-    assert msg == "artifact format version 2; this loader reads version 1"
+    for v in (0, 3, 255):
+        msg = rejects(good_blob[:3] + bytes([v]) + good_blob[4:])
+        assert msg == f"artifact format version {v}; this loader reads versions 1, 2"
     rejects(b"PK\x03" + good_blob[3:], "bad magic")
 
 
@@ -304,7 +305,7 @@ def test_rejects_oversized_lengths(good_blob: bytes) -> None:
     assert decode_artifact(craft(m, payload))  # the crafting itself is sound
 
 
-@pytest.mark.parametrize("codec", ARTIFACT_CODECS)
+@pytest.mark.parametrize("codec", ["brotli", "zstd", "lzma"])  # rans: tests/test_quant_rans.py
 def test_rejects_decompression_bomb_without_allocating(codec: str) -> None:
     compress = {"brotli": lambda d: brotli.compress(d, quality=1),
                 "zstd": lambda d: zstandard.ZstdCompressor(level=1).compress(d),

@@ -142,8 +142,8 @@ def test_build_then_check_end_to_end(record: Path, tiny_runs: list[Path], capsys
 def test_rebuild_is_byte_identical(record: Path) -> None:
     # the logs carry the sources: inlining + packing them again gives the same bytes (determinism)
     sources = parse_log(read_log(record / "train_seed1.log"))["sources"]
-    assert set(sources) == {"train_gpt.py", "quant/__init__.py", "quant/codec.py", "quant/gptq.py", "quant/pack.py",
-                            "quant/sdclip.py"}
+    assert set(sources) == {"train_gpt.py", "quant/__init__.py", "quant/codec.py", "quant/gptq.py", "quant/lqer.py",
+                            "quant/pack.py", "quant/rans.py", "quant/sdclip.py"}
     readable = inline_quant(sources)
     assert readable == (record / "train_gpt_readable.py").read_text()
     assert pack(readable) == pack(readable) == (record / "train_gpt.py").read_text()
