@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 # >>> inline quant (tools/build_record.py replaces this block with the quant/ sources)
 from quant import (
+    ARTIFACT_CODECS,
     accumulate_hessian,
     dequantize,
     describe,
@@ -186,7 +187,7 @@ class Config:
         need(self.compile in ("auto", "0", "1"), f"COMPILE={self.compile!r}: use auto, 0 or 1")
         need(self.precision in ("auto", "fp32", "bf16"), f"PRECISION={self.precision!r}: use auto, fp32 or bf16")
         need(self.attention in ("auto", "fa3", "sdpa"), f"ATTENTION={self.attention!r}: use auto, fa3 or sdpa")
-        need(self.compressor in ("brotli", "zstd", "lzma"), f"COMPRESSOR={self.compressor!r}: use brotli, zstd or lzma")
+        need(self.compressor in ARTIFACT_CODECS, f"COMPRESSOR={self.compressor!r}: use {', '.join(ARTIFACT_CODECS)}")
         need(0 < self.vocab_size <= 65536, "VOCAB_SIZE must be in 1..65536 (uint16 shards)")
 
     @property

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import train_gpt as tg
-from quant import ArtifactError
+from quant import ARTIFACT_CODECS, ArtifactError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--matrix-clip-sigmas", type=float, nargs="+", help="SDClip k for block matrices")
     p.add_argument("--embed-bits", type=int, nargs="+", help="bits for the tied embedding")
     p.add_argument("--embed-clip-sigmas", type=float, nargs="+", help="SDClip k for the tied embedding")
-    p.add_argument("--compressor", nargs="+", choices=["brotli", "zstd", "lzma"], help="artifact codec")
+    p.add_argument("--compressor", nargs="+", choices=ARTIFACT_CODECS, help="artifact codec")
     p.add_argument("--method", choices=["gptq", "rtn"], default="gptq", help="GPTQ (default) or round-to-nearest")
     p.add_argument("--calibration-batches", type=int, help="Hessian batches (default: GPTQ_CALIBRATION_BATCHES)")
     p.add_argument("--out", type=Path, help="write the artifact of the (single) setting here")
