@@ -113,7 +113,8 @@ def synthetic_model(scale: float, seed: int, layers: int = 11) -> tuple[dict[str
 
 def baseline_int8(state: dict[str, Tensor], passthrough_numel: int) -> tuple[dict[str, Tensor], bytes, float]:
     """Root baseline export (upstream's root train_gpt.py): per-row int8, clip at the 99.99984th percentile of |w|,
-    scale = clip/127 (≥ 1/127), fp16 scales; smaller tensors fp16 (upstream keeps a few control tensors fp32: a few KB at most).
+    scale = clip/127 (≥ 1/127), fp16 scales; smaller tensors fp16 (upstream keeps a few control tensors fp32: a few KB
+    at most).
     Returns the dequantized state, the raw payload (codes + scales + passthrough, without torch.save's framing; the
     baseline compresses it with zlib-9) and its order-0 entropy bound in bytes."""
     deq, parts, bits = {}, [], 0.0
