@@ -57,8 +57,9 @@ def check_inputs(f: Folder) -> list[Row]:
 
 
 def check_script(scan: Scan, size: int) -> list[Row]:
-    inner = f" -> {len(scan.inner.encode()):,} bytes" if scan.inner is not None else ""
-    rows = [Row("script", "", f"{scan.wrapper}, {size:,}{inner} bytes, parsed by {scan.parsed_with}", "", "INFO")]
+    decoded = scan.inner is not None and scan.wrapper.endswith("exec wrapper")
+    inner = f" -> {len(scan.inner.encode()):,} bytes decoded" if decoded else ""
+    rows = [Row("script", "", f"{scan.wrapper}, {size:,} bytes{inner}, parsed by {scan.parsed_with}", "", "INFO")]
     if scan.parse_error:
         rows.append(Row("script parse", "", scan.parse_error, "", "INFO" if scan.parsed_with != "tokens" else "WARN"))
     for x in scan.findings:

@@ -147,6 +147,21 @@ def _exec_payload(tree: ast.Module) -> tuple[int, ast.Call] | None:
     return hits[0] if len(hits) == 1 else None
 
 
+def _file_read(node: ast.AST) -> str | None:
+    """The file an expression reads as text (`open(p).read()`, `Path(p).read_text()`, `open(p, 'rb').read()`), named
+    from its last literal (`__file__.replace("train_gpt.py", "impl.py")` -> impl.py), else `a file named at run
+    time`; None when the expression is not a file read."""
+    if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+            and node.func.attr in ("read", "read_text", "read_bytes")):
+        return None
+    opener = node.func.value
+    if node.func.attr == "read" and not (isinstance(opener, ast.Call) and isinstance(opener.func, ast.Name | ast.Attribute)
+                                         and (getattr(opener.func, "id", None) or opener.func.attr) == "open"):
+        return None
+    names = [s for s in _path_literals(opener) if s.endswith(".py") or "/" in s or "." in s]
+    return names[-1] if names else "a file named at run time"
+
+
 def decode_wrappers(text: str, parse: Any = ast.parse) -> tuple[str, str, str | None]:
     """(source, wrapper, error): a self-extracting script's decoded source with the wrapper's other top-level lines
     kept (they run too); nested wrappers decoded up to MAX_DEPTH. `plain` when the script is not a wrapper."""
@@ -161,6 +176,8 @@ def decode_wrappers(text: str, parse: Any = ast.parse) -> tuple[str, str, str | 
         if hit is None:
             break
         i, call = hit
+        if (read := _file_read(call.args[0])) is not None:  # exec(open(<sibling>).read()): nothing to decode here
+            return src, "+".join([*kinds, f"exec stub of {read} (the code that runs is that file)"]), None
         try:
             decoded = _Eval(tree).value(call.args[0])
             inner = decoded.decode("utf-8") if isinstance(decoded, bytes) else decoded
@@ -335,7 +352,10 @@ class _Capabilities(ast.NodeVisitor):
                 if len(self.out) > before:
                     self.out[-1] = Finding(node.lineno, self.out[-1].kind, f"{name}({base}, {attr!r})")
         if name in ("globals", "vars", "locals") and isinstance(f, ast.Name):
-            self.add(node, "dynamic", f"{name}() (the module namespace as a dict)")
+            if not node.args:
+                self.add(node, "dynamic", f"{name}() (the module namespace as a dict)")
+            elif self._resolve(node.args[0]).split(".")[0] in RISKY_BASES:  # vars(obj): like getattr on obj
+                self.add(node, "dynamic", f"{ast.unparse(node)[:60]} (a risky module's namespace as a dict)")
         full = self._resolve(f)
         if full.startswith("subprocess.") and full.rsplit(".", 1)[-1] in SUBPROCESS_CALLS:
             argv = _literal_argv(node)
@@ -344,14 +364,41 @@ class _Capabilities(ast.NodeVisitor):
                 self.add(node, "info", f"runs {' '.join(argv)[:80]}")
             else:
                 self.add(node, "process", f"runs {' '.join(argv)[:80] if argv else 'a command built at run time'}")
-        if name in ("open", "read_text", "read_bytes", "FileIO", "fdopen", "exec", "run_path", "compile"):
-            for s in (_fold(n) for n in ast.walk(node) if isinstance(n, ast.Constant | ast.BinOp)):
-                if s and (CODE_SUFFIX.search(s) or s in self.siblings) and not any(c in s for c in "*?["):
+        if name in READERS:
+            for s in _path_literals(node):
+                if (CODE_SUFFIX.search(s) or s in self.siblings) and not any(c in s for c in "*?["):
                     base = s.rsplit("/", 1)[-1]
                     self.add(node, "code_file", f"reads {s} ({ast.unparse(node)[:60]})")
                     if base in self.siblings:
                         self.code_refs.append(base)
         self.generic_visit(node)
+
+
+READERS = ("open", "read_text", "read_bytes", "FileIO", "fdopen", "exec", "run_path", "compile")
+
+
+def _path_literals(node: ast.Call) -> list[str]:
+    """The file names a reading call's arguments spell out. A nested reading call reports its own (one finding per
+    fact: `exec(open(p).read())` is the `open`'s), and in `x.replace(old, new)` only `new` is a name that is read."""
+    out: list[str] = []
+
+    def walk(n: ast.AST) -> None:
+        if n is not node and isinstance(n, ast.Call):
+            f = n.func
+            if (f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else None) in READERS:
+                return
+            if isinstance(f, ast.Attribute) and f.attr == "replace" and len(n.args) == 2:
+                walk(f.value)
+                walk(n.args[1])
+                return
+        if isinstance(n, ast.Constant | ast.BinOp) and (s := _fold(n)):
+            out.append(s)
+            return
+        for child in ast.iter_child_nodes(n):
+            walk(child)
+
+    walk(node)
+    return out
 
 
 def _token_scan(text: str, siblings: set[str]) -> list[Finding]:
@@ -362,8 +409,13 @@ def _token_scan(text: str, siblings: set[str]) -> list[Finding]:
              **{m: "native" for m in NATIVE_MODULES | NATIVE_ATTRS},
              **{m: "dynamic" for m in (DYNAMIC_NAMES | DYNAMIC_MODULES) - {"types", "inspect", "code"}}}
     try:
-        for tok in tokenize.generate_tokens(io.StringIO(text).readline):
-            if tok.type == tokenize.NAME and tok.string in words:
+        toks = [t for t in tokenize.generate_tokens(io.StringIO(text).readline)
+                if t.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.COMMENT, tokenize.INDENT, tokenize.DEDENT)]
+        for i, tok in enumerate(toks):
+            after_dot = i > 0 and toks[i - 1].string == "."  # `model.eval()`, `torch.compile`: attributes, not names
+            with_arg = tok.string == "vars" and toks[i + 1:i + 3] and toks[i + 1].string == "(" and (
+                toks[i + 2].string != ")")  # vars(obj) is obj's attributes, not the module namespace
+            if tok.type == tokenize.NAME and tok.string in words and not after_dot and not with_arg:
                 out.append(Finding(tok.start[0], words[tok.string], f"token `{tok.string}`"))
             elif tok.type == tokenize.STRING:
                 for sib in siblings:
