@@ -453,3 +453,36 @@ def test_script_row_says_bytes_once() -> None:
     packed = pack("x = 1\n" * 50)
     wrapped = check_script(scan_script(packed), len(packed))[0].value
     assert f"{len(packed):,} bytes -> 300 bytes decoded, parsed by" in wrapped, wrapped
+
+
+def _scored_folder(root: Path, bpbs: dict[int, float], sub: dict, models: dict[int, int] | None = None) -> Path:
+    logs = {f"train_seed{s}.log": record_log(s, {"quantized_sliding_window": b}, model=(models or {}).get(s, 15975300))
+            for s, b in bpbs.items()}
+    return write(root, {**logs, "submission.json": json.dumps({"track": "10min_16mb", **sub}),
+                        "train_gpt.py": plain_script(16630)})
+
+
+def test_mean_of_rounded_per_seed_claims_is_accepted(tmp_path: Path) -> None:
+    # the author rounds each seed to 5 decimals and averages those: 1.08595, where the logs' mean is 1.0859566
+    bpbs = {1: 1.0862533, 2: 1.08560205, 3: 1.08601449}
+    per_seed = {str(s): {"val_bpb": round(b, 5)} for s, b in bpbs.items()}
+    rows = check(_scored_folder(tmp_path / "a", bpbs, {"val_bpb": 1.08595, "seed_results": per_seed}))
+    assert status(rows, "json val_bpb (mean)") == ["PASS"]
+    assert "mean of the per-seed claims" in next(r.value for r in rows if r.check == "json val_bpb (mean)")
+    # no per-seed claims: within one unit of the last printed digit of the logs' mean is accepted too
+    rows = check(_scored_folder(tmp_path / "b", bpbs, {"val_bpb": 1.08595}))
+    assert status(rows, "json val_bpb (mean)") == ["PASS"]
+    # two units off (a worse claim) is still a metadata defect
+    rows = check(_scored_folder(tmp_path / "c", bpbs, {"val_bpb": 1.08598, "seed_results": per_seed}))
+    assert status(rows, "json val_bpb (mean)") == ["WARN"]
+
+
+def test_bytes_total_as_the_mean_is_information_and_every_seed_is_still_sized(tmp_path: Path) -> None:
+    models = {1: 15_980_000, 2: 15_985_000}  # + 16,630 code: 15,996,630 and 16,001,630 (over the cap)
+    totals = [m + 16630 for m in models.values()]
+    sub = {"val_bpb": 1.1, "bytes_total": sum(totals) // 2}
+    rows = check(_scored_folder(tmp_path / "a", {1: 1.1, 2: 1.1}, sub, models))
+    assert status(rows, "json bytes_total") == ["INFO"]
+    assert status(rows, "size", "1") == ["PASS"] and status(rows, "size", "2") == ["FAIL"]
+    rows = check(_scored_folder(tmp_path / "b", {1: 1.1, 2: 1.1}, {**sub, "bytes_total": totals[0] - 1000}, models))
+    assert status(rows, "json bytes_total") == ["WARN"]  # neither the max nor the mean
