@@ -486,3 +486,29 @@ def test_bytes_total_as_the_mean_is_information_and_every_seed_is_still_sized(tm
     assert status(rows, "size", "1") == ["PASS"] and status(rows, "size", "2") == ["FAIL"]
     rows = check(_scored_folder(tmp_path / "b", {1: 1.1, 2: 1.1}, {**sub, "bytes_total": totals[0] - 1000}, models))
     assert status(rows, "json bytes_total") == ["WARN"]  # neither the max nor the mean
+
+
+def test_a_single_train_gpt_variant_is_judged_and_a_missing_script_fails(tmp_path: Path, capsys) -> None:
+    from tools import check_record
+    folder = p_folder(tmp_path, seeds=(42,))
+    script = (folder / "train_gpt.py").read_text()
+    (folder / "train_gpt.py").unlink()
+    (folder / "train_gpt_v5.py").write_text(script)  # upstream folders ship train_gpt_v5.py and the like
+    rows = check(folder)
+    assert status(rows, "script name") == ["WARN"] and "train_gpt_v5.py" in next(
+        r.value for r in rows if r.check == "script name")
+    assert "lzma" in next(r.value for r in rows if r.check == "script")  # the variant was scanned
+    size = next(r for r in rows if r.check == "size" and r.seed == "42")
+    assert size.status == "PASS" and size.value.startswith(f"{len(script.encode()):,} code")
+    assert not [r for r in rows if r.status == "FAIL"]
+    (folder / "train_gpt_v6.py").write_text(script)  # two candidates: neither is guessed
+    rows = check(folder)
+    assert [r.value for r in rows if r.status == "FAIL"] == [
+        "required file missing: train_gpt.py (2 candidates: train_gpt_v5.py, train_gpt_v6.py; none judged)"]
+    # no script at all (and, upstream, sometimes no log either): FAIL rows and exit 1, never exit 2
+    bare = write(tmp_path / "records/track_non_record_16mb/2026-03-19_bare",
+                 {"submission.json": json.dumps({"val_bpb": 1.3281, "bytes_total": 15327112})})
+    rows = check(bare)
+    failed = [r.value for r in rows if r.status == "FAIL"]
+    assert "required file missing: train_gpt.py" in failed and verdict(rows) == "FAIL"
+    assert check_record.main([str(bare), "--no-run"]) == 1 and capsys.readouterr().err == ""

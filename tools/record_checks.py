@@ -16,7 +16,7 @@ from typing import Any
 
 from tools.log_lines import submittable
 from tools.log_parser import select_final
-from tools.record_folder import Folder, FolderError, LogFile, load_folder
+from tools.record_folder import SCRIPT, Folder, FolderError, LogFile, load_folder
 from tools.record_pack import RecordError, inline_quant, normalized_dump
 from tools.safe_io import MAX_ARTIFACT_BYTES, MAX_JSON_BYTES, MAX_SCRIPT_BYTES, UnsafeFile, read_bytes
 from tools.sandbox import Observation
@@ -106,7 +106,7 @@ def observe(f: Folder, opts: Options) -> Observation | None:
 
     from tools.record_smoke import smoke_observe
     with tempfile.TemporaryDirectory(prefix="pgolf_check_") as work:
-        return smoke_observe(f.code_files(), Path(work), opts.timeout)
+        return smoke_observe(f.code_files(), Path(work), opts.timeout, script=str(f.script_name))
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -127,15 +127,15 @@ def counted_code(f: Folder, scan: Scan, obs: Observation | None) -> tuple[int, s
     refs = sorted(set(scan.code_refs) | set(obs.code_files if obs and obs.ran else []))
     own = len(f.script) + sum(_size_of(f, r) for r in refs)
     if refs:
-        return own, f"train_gpt.py + {', '.join(refs)} (code it imports, execs or reads)"
-    options = [(own, "train_gpt.py as it is")]
+        return own, f"{f.script_name} + {', '.join(refs)} (code it imports, execs or reads)"
+    options = [(own, f"{f.script_name} as it is")]
     compressed = [lf.parsed["bytes_code_compressed"] for lf in f.logs.values()]
     if compressed and None not in compressed:
         options.append((max(compressed), "the log's `Code size (compressed)` (in-script compression, accepted "
                                          "upstream)"))
     logged = {lf.parsed["bytes_code"] for lf in f.logs.values()} - {None, len(f.script)}
     for e in f.entries:
-        if e.kind == "file" and e.name.endswith(".py") and e.name != "train_gpt.py" and e.size in logged:
+        if e.kind == "file" and e.name.endswith(".py") and e.name != f.script_name and e.size in logged:
             if _same_code(f, e.name, scan):
                 options.append((e.size, f"the packed twin {e.name} (the file the log counts)"))
     return min(options)
@@ -162,12 +162,16 @@ def model_bytes(f: Folder, seed: int, log: LogFile) -> tuple[int | None, str]:
     return None, "no artifact and no model bytes in the log"
 
 
-def check_size(seed: str, code: int, code_how: str, model: int | None, model_how: str, log: LogFile) -> list[Row]:
+def check_size(seed: str, code: int | None, code_how: str, model: int | None, model_how: str,
+               log: LogFile) -> list[Row]:
     if model is None:
-        return [Row("size", seed, model_how, CAP, "FAIL")]
-    total = code + model
-    rows = [Row("size", seed, f"{code:,} code + {model:,} model = {total:,} ({code_how}; {model_how})", CAP,
-                passes(total <= ARTIFACT_LIMIT_BYTES))]
+        rows = [Row("size", seed, model_how, CAP, "FAIL")]
+    elif code is None:
+        rows = [Row("size", seed, f"not measured: {code_how} and the log prints no code size", CAP, "INFO")]
+    else:
+        total = code + model
+        rows = [Row("size", seed, f"{code:,} code + {model:,} model = {total:,} ({code_how}; {model_how})", CAP,
+                    passes(total <= ARTIFACT_LIMIT_BYTES))]
     logged = log.parsed["bytes_total"]
     if logged is not None and logged > ARTIFACT_LIMIT_BYTES:
         rows.append(Row("size (log)", seed, f"the run's own total is {logged:,}", CAP, "FAIL"))
@@ -296,7 +300,7 @@ def check_code_vs_log(seed: str, p: dict[str, Any], f: Folder, scan: Scan) -> li
         return [Row("code vs log", seed, "the log embeds no framed source; not tied to this script", "", "INFO")]
     text = f.script.decode("utf-8", "replace")
     try:
-        same = p["sources"] == {"train_gpt.py": text} or (
+        same = p["sources"] in ({"train_gpt.py": text}, {f.script_name: text}) or (
             scan.inner is not None and _inlined_dump(tuple(sorted(p["sources"].items())))
             == normalized_dump(scan.inner, "train_gpt.py"))
     except RecordError:
@@ -447,7 +451,7 @@ def check_tokenizer(f: Folder, dataset: Path | None) -> list[Row]:
     return rows
 
 
-def check_metadata(f: Folder, code: int, totals: dict[int, int]) -> list[Row]:
+def check_metadata(f: Folder, code: int | None, totals: dict[int, int]) -> list[Row]:
     rows = []
     listed = set(f.claims.seeds or [])
     logged = {s for s in f.logs if s >= 0}
@@ -459,7 +463,7 @@ def check_metadata(f: Folder, code: int, totals: dict[int, int]) -> list[Row]:
     for s in sorted(logged - listed) if f.claims.seeds is not None else []:
         rows.append(Row("seed log", str(s), "a log for a seed submission.json does not list", "listed", "WARN"))
     sub_code, sub_total = f.claims.get("bytes_code"), f.claims.get("bytes_total")
-    if isinstance(sub_code, int) and sub_code != code:
+    if isinstance(sub_code, int) and code is not None and sub_code != code:
         rows.append(Row("json bytes_code", "", f"{sub_code:,} vs counted {code:,}", "equal", "WARN"))
     if isinstance(sub_total, int) and totals:
         worst = max(totals.values())
@@ -491,24 +495,35 @@ def check_folder(folder: Path, opts: Options | None = None) -> list[Row]:
     opts = opts or Options()
     f = load_folder(folder)
     track = f.claims.track
-    scan = scan_script(f.script.decode("utf-8", "replace"), f.sibling_names())
-    rows = check_inputs(f) + check_script(scan, len(f.script)) + check_readable_twin(f, scan)
-    obs = observe(f, opts)
-    rows += check_observation(obs)
-    code, code_how = counted_code(f, scan, obs)
+    rows = check_inputs(f)
+    scan: Scan | None = None
+    code: int | None = None
+    code_how = "no script in the folder"
+    if f.script_name is None:
+        rows.append(Row("script", "", str(f.script_problem), "required file", "FAIL"))
+    else:
+        if f.script_problem:
+            rows.append(Row("script name", "", f.script_problem, SCRIPT, "WARN"))
+        scan = scan_script(f.script.decode("utf-8", "replace"), f.sibling_names())
+        rows += check_script(scan, len(f.script)) + check_readable_twin(f, scan)
+        obs = observe(f, opts)
+        rows += check_observation(obs)
+        code, code_how = counted_code(f, scan, obs)
     totals: dict[int, int] = {}
     for seed, log in sorted(f.logs.items()):
         s, p = (str(seed) if seed >= 0 else "-"), log.parsed
         model, model_how = model_bytes(f, seed, log)
-        if model is not None:
-            totals[seed] = code + model
-        rows += check_size(s, code, code_how, model, model_how, log)
+        c, c_how = (code, code_how) if code is not None or p["bytes_code"] is None else (
+            p["bytes_code"], "the log's code size (no script in the folder)")
+        if model is not None and c is not None:
+            totals[seed] = c + model
+        rows += check_size(s, c, c_how, model, model_how, log)
         rows += check_time(s, p, track)
         if seed in f.artifacts:
             rows += check_artifact(s, f.artifacts[seed], p)
         elif f.artifacts:
             rows.append(Row("artifact", s, f"no final_model_seed{seed}.*.ptz beside the others", "present", "FAIL"))
-        rows += check_code_vs_log(s, p, f, scan) + check_hardware(s, p, track)
+        rows += (check_code_vs_log(s, p, f, scan) if scan is not None else []) + check_hardware(s, p, track)
     if not f.logs:
         rows.append(Row("size", "", "no training log: nothing supports the sizes", CAP, "FAIL"))
     chosen = finals(f)
