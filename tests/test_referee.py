@@ -512,3 +512,82 @@ def test_a_single_train_gpt_variant_is_judged_and_a_missing_script_fails(tmp_pat
     failed = [r.value for r in rows if r.status == "FAIL"]
     assert "required file missing: train_gpt.py" in failed and verdict(rows) == "FAIL"
     assert check_record.main([str(bare), "--no-run"]) == 1 and capsys.readouterr().err == ""
+
+
+def _run_row(obs) -> tuple[Row, list[Row]]:
+    rows = check_observation(obs)
+    return next(r for r in rows if r.check == "sandbox run"), [r for r in rows if r.check == "sandbox verdict"]
+
+
+def test_an_early_python_error_decides_nothing() -> None:
+    from tools.sandbox import Observation
+    early = Observation(ran=True, returncode=1, seconds=0.2, observers=["audit hook"], script_ran=False,
+                        exit_cause="SyntaxError: f-string: expecting '}' (<string>, line 1078)")
+    row, verdict_rows = _run_row(early)
+    assert row.status == "WARN" and "SyntaxError" in row.value and "decided nothing" in row.value
+    assert "CUDA" not in row.value and verdict_rows == []  # no PASS for a run that did nothing
+    late = Observation(ran=True, returncode=1, seconds=8.3, observers=["audit hook"], script_ran=True,
+                       exit_cause="RuntimeError: CUDA is required (train_gpt.py line 753, in main)")
+    row, verdict_rows = _run_row(late)
+    assert row.status == "INFO" and "RuntimeError: CUDA is required" in row.value
+    assert [r.status for r in verdict_rows] == ["PASS"]
+    silent = Observation(ran=True, returncode=3, seconds=0.1, observers=["audit hook"])  # os._exit: no exception
+    assert _run_row(silent)[0].status == "WARN" and _run_row(silent)[1] == []
+
+
+@needs_sandbox
+@pytest.mark.parametrize("script, cause, ran", [
+    ("def f(:\n    pass\n", "SyntaxError", False),
+    ("import flash_attn_interface_not_installed\n", "ModuleNotFoundError", False),
+    ("def main():\n    raise RuntimeError('CUDA is required')\n\nmain()\n", "RuntimeError: CUDA is required", True),
+])
+def test_the_sandbox_reports_why_the_script_stopped(script: str, cause: str, ran: bool) -> None:
+    for text in (script, pack(script)) if "def f(:" not in script else (script,):
+        obs = run_sandboxed({"train_gpt.py": text.encode()}, base_env({}), 120)
+        assert obs.returncode == 1 and obs.exit_cause.startswith(cause) and obs.script_ran is ran, (
+            obs.exit_cause, obs.stderr_tail[-400:])
+        assert _run_row(obs)[0].status == ("INFO" if ran else "WARN")
+
+
+@needs_sandbox
+def test_a_train_gpt_variant_is_the_script_the_sandbox_runs(tmp_path: Path) -> None:
+    folder = p_folder(tmp_path, seeds=(42,))
+    (folder / "train_gpt.py").unlink()
+    (folder / "train_gpt_v5.py").write_text("import os\nos.system('true')\n")
+    rows = check_folder(folder, Options(timeout=120))
+    assert any(r.check == "process" and r.status == "FAIL" for r in rows), rows
+
+
+def test_newer_pythons_are_probed(tmp_path: Path, monkeypatch) -> None:
+    # a pyenv shim named python3.X that cannot run, or that is really another version, is not a newer grammar
+    import os
+    import sys
+
+    from tools import script_scan
+    minor = sys.version_info[1]
+    fakes = {f"python3.{minor + 1}": "echo 'pyenv: python3.X: command not found' >&2; exit 127",
+             f"python3.{minor + 2}": f'exec {sys.executable} "$@"',
+             f"python3.{minor + 3}": f"echo 3.{minor + 3}"}
+    for name, body in fakes.items():
+        (tmp_path / name).write_text(f"#!/bin/sh\n{body}\n")
+        (tmp_path / name).chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    script_scan.newer_pythons.cache_clear()
+    try:
+        assert script_scan.newer_pythons() == [str(tmp_path / f"python3.{minor + 3}")]
+    finally:
+        monkeypatch.setenv("PATH", os.environ["PATH"])
+        script_scan.newer_pythons.cache_clear()
+
+
+NEWER = __import__("tools.script_scan", fromlist=["x"]).newer_pythons()
+
+
+@needs_sandbox
+@pytest.mark.skipif(not NEWER, reason="no newer python3.X on PATH")
+def test_a_script_that_needs_newer_grammar_runs_under_it(tmp_path: Path) -> None:
+    folder = p_folder(tmp_path, seeds=(42,))
+    (folder / "train_gpt.py").write_text('x = {"a": 1}\nprint(f"{x["a"]}")\nraise SystemExit(f"{x["a"]}")\n')
+    rows = check_folder(folder, Options(timeout=120))
+    run = next(r for r in rows if r.check == "sandbox run")
+    assert "SyntaxError" not in run.value and "SystemExit: 1" in run.value, run.value

@@ -73,13 +73,23 @@ def check_script(scan: Scan, size: int) -> list[Row]:
 
 
 def check_observation(obs: Observation | None) -> list[Row]:
-    """Verdicts on what the sandboxed run did (docs/rules.md "The sandbox run")."""
+    """Verdicts on what the sandboxed run did (docs/rules.md "The sandbox run"). A run that stopped before any of
+    the record's own functions ran (a SyntaxError, a failing import at the top) observed nothing: WARN, no PASS."""
     if obs is None or not obs.ran:
         why = "--no-run" if obs is None else obs.reason
         return [Row("sandbox run", "", f"not run: {why}", "dynamic check", "WARN")]
-    end = ("timed out" if obs.timed_out else f"exit {obs.returncode}")
-    rows = [Row("sandbox run", "", f"{end} after {obs.seconds:.1f} s, observed by {' + '.join(obs.observers)} (a "
-                "CUDA-only script stops early on CPU; what it did until then is judged)", "", "INFO")]
+    end = "timed out" if obs.timed_out else f"exit {obs.returncode}"
+    seen = f"under {obs.python}, observed by {' + '.join(obs.observers)}" if obs.python else (
+        f"observed by {' + '.join(obs.observers)}")
+    decided = obs.timed_out or obs.returncode == 0 or bool(obs.script_ran)
+    cause = obs.exit_cause or ("" if decided else "no Python exception reported (os._exit or a signal)")
+    head = f"{end} after {obs.seconds:.1f} s" + (f": {cause}" if cause else "") + f"; {seen}"
+    if decided:
+        what = "ran to the end" if obs.returncode == 0 and not obs.timed_out else "what it did until then is judged"
+        rows = [Row("sandbox run", "", f"{head} ({what})", "", "INFO")]
+    else:
+        rows = [Row("sandbox run", "", f"{head}: it stopped before running any of its own functions, so the run "
+                    "decided nothing", "dynamic check", "WARN")]
     rows += [Row("network", "", n, "no network access", "FAIL") for n in dict.fromkeys(obs.network)]
     for exe, detail in dict.fromkeys(obs.processes):
         ok = exe in ALLOWED_EXECUTABLES
@@ -94,19 +104,21 @@ def check_observation(obs: Observation | None) -> list[Row]:
         rows.append(Row("files read", "", ", ".join(obs.outside_reads[:8]), "", "INFO"))
     if not obs.observer_intact:
         rows.append(Row("observer", "", "the audit stream was cut or tampered with", "", "WARN"))
-    if not (obs.network or obs.native or obs.unpickled or any(e not in ALLOWED_EXECUTABLES for e, _ in obs.processes)):
+    clean = not (obs.network or obs.native or obs.unpickled or any(e not in ALLOWED_EXECUTABLES for e, _ in obs.processes))
+    if clean and decided:
         rows.append(Row("sandbox verdict", "", "no network, no foreign process, no native or pickled code", "", "PASS"))
     return rows
 
 
-def observe(f: Folder, opts: Options) -> Observation | None:
+def observe(f: Folder, opts: Options, python: str | None = None) -> Observation | None:
+    """The sandboxed run of the folder's script, under `python` when its grammar needs a newer interpreter."""
     if not opts.run:
         return None
     import tempfile
 
     from tools.record_smoke import smoke_observe
     with tempfile.TemporaryDirectory(prefix="pgolf_check_") as work:
-        return smoke_observe(f.code_files(), Path(work), opts.timeout, script=str(f.script_name))
+        return smoke_observe(f.code_files(), Path(work), opts.timeout, script=str(f.script_name), python=python)
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -506,7 +518,7 @@ def check_folder(folder: Path, opts: Options | None = None) -> list[Row]:
             rows.append(Row("script name", "", f.script_problem, SCRIPT, "WARN"))
         scan = scan_script(f.script.decode("utf-8", "replace"), f.sibling_names())
         rows += check_script(scan, len(f.script)) + check_readable_twin(f, scan)
-        obs = observe(f, opts)
+        obs = observe(f, opts, scan.python)
         rows += check_observation(obs)
         code, code_how = counted_code(f, scan, obs)
     totals: dict[int, int] = {}

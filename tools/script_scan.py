@@ -14,6 +14,7 @@ from __future__ import annotations
 import ast
 import base64
 import bz2
+import functools
 import gzip
 import io
 import json
@@ -78,6 +79,7 @@ class Scan:
     parse_error: str | None = None
     findings: list[Finding] = field(default_factory=list)
     code_refs: list[str] = field(default_factory=list)  # sibling names the script imports, execs or reads as code
+    python: str | None = None  # the newer interpreter whose grammar parsed it (the sandbox runs it there too)
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -197,10 +199,22 @@ def decode_wrappers(text: str, parse: Any = ast.parse) -> tuple[str, str, str | 
 # parsing under the right grammar
 # -----------------------------------------------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=1)
 def newer_pythons() -> list[str]:
-    """Interpreters on PATH newer than the running one (their grammar accepts what this one may not)."""
-    here = sys.version_info[:2]
-    return [exe for minor in range(here[1] + 1, 20) if (exe := shutil.which(f"python{here[0]}.{minor}"))]
+    """Interpreters on PATH newer than the running one (their grammar accepts what this one may not), newest first.
+    Each is asked its version: a pyenv shim of a version that is not selected is on PATH but does not run."""
+    major, here = sys.version_info[:2]
+    found = []
+    for minor in range(19, here, -1):
+        exe = shutil.which(f"python{major}.{minor}")
+        try:
+            out = subprocess.run([exe, "-I", "-S", "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+                                 capture_output=True, text=True, timeout=30).stdout.strip() if exe else ""
+        except (OSError, subprocess.TimeoutExpired):
+            out = ""
+        if out == f"{major}.{minor}":
+            found.append(exe)
+    return found
 
 
 def _scan_elsewhere(exe: str, text: str) -> dict[str, Any] | None:
@@ -429,26 +443,25 @@ def _token_scan(text: str, siblings: set[str]) -> list[Finding]:
 def scan_script(text: str, siblings: set[str] | frozenset[str] = frozenset(), other_pythons: bool = True) -> Scan:
     """Decode, parse (this Python, else a newer one, else tokens) and list capabilities with line numbers."""
     siblings = set(siblings)
+    here = f"Python {sys.version_info[0]}.{sys.version_info[1]}"
+    wrapper, inner, error = "plain", text, None
     try:
         ast.parse(text)
+        inner, wrapper, error = decode_wrappers(text)
+        tree = ast.parse(inner)
     except (SyntaxError, ValueError, RecursionError, MemoryError) as e:  # ValueError: NUL bytes
         msg, lineno = getattr(e, "msg", None) or str(e) or type(e).__name__, getattr(e, "lineno", None)
-        for exe in newer_pythons() if other_pythons else []:
+        why = f"{here} cannot parse {'the decoded source' if wrapper != 'plain' else 'it'} ({msg}, line {lineno})"
+        for exe in newer_pythons() if other_pythons else []:  # PEP 701 f-strings need 3.12, in the payload too
             res = _scan_elsewhere(exe, text)
-            if res is not None:
-                scan = Scan(res["wrapper"], res["inner"], f"ast ({exe.rsplit('/', 1)[-1]})", res["parse_error"],
-                            [Finding(**f) for f in res["findings"]], res["code_refs"])
+            if res is not None and res["parsed_with"] != "tokens":
+                name = exe.rsplit("/", 1)[-1]
+                scan = Scan(res["wrapper"], res["inner"], f"ast ({name})", res["parse_error"] or f"{why}; {name} can",
+                            [Finding(**f) for f in res["findings"]], res["code_refs"], python=exe)
                 _sibling_refs(scan, siblings)
                 return scan
-        scan = Scan("plain", text, "tokens", f"Python {sys.version_info[0]}.{sys.version_info[1]} cannot parse it "
-                    f"({msg}, line {lineno})", _token_scan(text, siblings))
-        return scan
-    inner, wrapper, error = decode_wrappers(text)
-    try:
-        tree = ast.parse(inner)
-    except (SyntaxError, ValueError, RecursionError, MemoryError) as e:
-        return Scan(wrapper, inner, "tokens", f"decoded source does not parse ({getattr(e, 'msg', None) or e}, line "
-                    f"{getattr(e, 'lineno', None)})", _token_scan(inner, siblings))
+        none = "" if not other_pythons or newer_pythons() else "; no newer python3.X on PATH"
+        return Scan(wrapper, inner, "tokens", f"{why}{none}", _token_scan(inner, siblings))
     cap = _Capabilities(siblings)
     try:
         cap.visit(tree)
@@ -458,8 +471,7 @@ def scan_script(text: str, siblings: set[str] | frozenset[str] = frozenset(), ot
     if error:
         findings.insert(0, Finding(0, "dynamic", error))
         inner = None
-    return Scan(wrapper, inner, f"ast (Python {sys.version_info[0]}.{sys.version_info[1]})", None, findings,
-                sorted(set(cap.code_refs)))
+    return Scan(wrapper, inner, f"ast ({here})", None, findings, sorted(set(cap.code_refs)))
 
 
 def _sibling_refs(scan: Scan, siblings: set[str]) -> None:
