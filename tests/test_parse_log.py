@@ -316,3 +316,22 @@ def test_cli_prints_source_sizes_not_text(tmp_path: Path) -> None:
     log.write_text(framed("train_gpt.py", "x = 'é'\n") + SEP + "\n")
     row = json.loads(run_cli(str(log)).stdout)
     assert row["sources"] == {"train_gpt.py": 9} and row["code_bytes_logged"] == 9
+
+
+@pytest.mark.parametrize("name", ["log_record_n.txt", "log_record_p.txt", "log_baseline.txt"])
+def test_float_timestamp_before_every_line_changes_nothing(name: str) -> None:
+    # some upstream loggers put `1776142356.999 ` before every line, the header's and the `  key: value` dump's too
+    text = (ASSETS / name).read_text()
+    stamped = "".join(f"{1776142356 + i * 0.137:.3f} {line}\n" for i, line in enumerate(text.splitlines()))
+    plain, r = parse_log(text), parse_log(stamped)
+    assert r == plain
+    assert plain["python_version"] or plain["seed"] is not None  # the comparison covers identity fields
+    if name != "log_baseline.txt":
+        assert plain["hyperparameters"] and plain["world_size"] == 8 and plain["train_batch_tokens"]
+
+
+def test_timestamp_takes_one_space_only() -> None:
+    from tools.log_lines import clean_line
+    assert clean_line("1776142356.274   adam_eps: 1e-08") == "  adam_eps: 1e-08"
+    assert clean_line("1776142356 quantized val_loss:2.0 val_bpb:1.1\r") == "quantized val_loss:2.0 val_bpb:1.1"
+    assert clean_line("  adam_eps: 1e-08") == "  adam_eps: 1e-08"

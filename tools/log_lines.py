@@ -108,8 +108,9 @@ UPSTREAM = {
 }
 # torchrun / c10d / NCCL noise (`W0409 04:38:18.092000 206 torch/...`, `[rank0]:[W318 ...]`, `[W318 ...]`)
 NOISE = _re(r"^(?:[WIEF]\d{4} \d\d:\d\d:\d\d|\[rank\d+\]:|\[[WIEF]\d{3,4} )")
-# a unix timestamp some loggers put before every line: `1776142356.999 quantized_ttt_phased val_loss:...`
-TIMESTAMP = re.compile(r"^\d{9,11}(?:\.\d+)?\s+")
+# a unix timestamp some loggers put before every line: `1776142356.999 quantized_ttt_phased val_loss:...`; exactly
+# one space goes with it (the hyperparameter dump's `  key: value` keeps its indent)
+TIMESTAMP = re.compile(r"^\d{9,11}(?:\.\d+)? ")
 EVAL = _re(r"^(?P<label>\S.*?)\s+val_loss:\s*(?P<loss>{F})\s+val_bpb:\s*(?P<bpb>{F})(?P<rest>.*)$")
 EVAL_TIME = _re(r"\beval_time:\s*(?P<ms>{F})ms\b")
 STEP_PREFIX = re.compile(r"^(?:step:)?\d+/\d+$")

@@ -8,9 +8,10 @@ structurally: the block that starts with a 100-'=' line followed by `Running Pyt
 and only what follows is parsed. Without such a block the text after the first 100-'=' line is parsed; without any,
 the whole text (console captures).
 
-The parse is a pipeline of small steps: split off sources and header -> clean lines -> `scan` (one pass that files
-each line under its kind) -> assemble identity, curves, train totals, bytes and scores. Which score is the submitted
-one is not decided by position alone: `select_final` prefers a declared label, then the score the submission claims.
+The parse is a pipeline of small steps: split off sources -> clean lines (CR, timestamps) -> split off the header ->
+`scan` (one pass that files each line under its kind) -> assemble identity, curves, train totals, bytes and scores.
+Which score is the submitted one is not decided by position alone: `select_final` prefers a declared label, then the
+score the submission claims.
 """
 
 from __future__ import annotations
@@ -342,8 +343,7 @@ def empty_result(sources: dict[str, str], sources_error: str | None, header: lis
 def parse_log(text: str) -> dict[str, Any]:
     """Parse one log's text. Keys absent from the log are None (lists/dicts empty)."""
     sources, text, sources_error = split_sources(text)
-    header, body = split_header([line.rstrip("\r") for line in text.split("\n")])
-    body = [L.clean_line(line) for line in body]
+    header, body = split_header([L.clean_line(line) for line in text.split("\n")])  # timestamps off first
     body = [line for line in body if not L.NOISE.match(line)]
     hp = parse_hyperparameters(body)
     if hp is None:

@@ -4,6 +4,8 @@
   `train.log`, `logs/<uuid>.txt`, `seed1337.txt`, ...); the seed comes from the file name, else from the log;
 * submission.json: `seeds` as a list or a dict; per-seed values under `seed_results`, `seed_scores`, `results` or
   `per_seed` (numbers or objects); a missing `track` is taken from the folder path;
+* the script: `train_gpt.py`, else the one `train_gpt*.py` when there is exactly one (`train_gpt_v5.py`; the name is a
+  metadata defect), else none: the checker reports the missing script as a violation and judges the rest;
 * artifacts: `final_model_seed<S>.*.ptz` (ours), else none (upstream PRs carry none);
 * nothing is followed or read that is not a regular file (safe_io).
 """
@@ -22,6 +24,8 @@ from tools.safe_io import MAX_JSON_BYTES, MAX_SCRIPT_BYTES, Entry, UnsafeFile, l
 TRACKS = ("10min_16mb", "non_record_16mb")
 SEED_IN_NAME = re.compile(r"seed[_-]?(\d+)", re.I)
 ARTIFACT = re.compile(r"final_model_seed(\d+)\..*ptz")
+SCRIPT = "train_gpt.py"
+SCRIPT_VARIANT = re.compile(r"train_gpt.*\.py")
 LOG_SUFFIX = re.compile(r"\.(log|txt)$")
 NOT_LOGS = re.compile(r"^(requirements.*|readme.*|license.*|notes?.*)\.txt$", re.I)
 PER_SEED_KEYS = ("seed_results", "seed_scores", "results", "per_seed")
@@ -30,7 +34,7 @@ CLAIM_KEYS = {"val_bpb": ("val_bpb", "bpb", "score"), "val_loss": ("val_loss", "
 
 
 class FolderError(Exception):
-    """The folder cannot be judged at all (not a directory, no script): exit status 2."""
+    """The folder cannot be judged at all (not a directory, no readable submission.json): exit status 2."""
 
 
 @dataclass
@@ -59,14 +63,16 @@ class Folder:
     path: Path
     entries: list[Entry]
     unsafe: list[str]  # entries not read, with why
-    script: bytes
+    script: bytes  # empty when script_name is None
     claims: Claims
     logs: dict[int, LogFile]  # by seed
     log_problems: list[str]
     artifacts: dict[int, Path]
+    script_name: str | None = SCRIPT  # the file judged as the record's script; None when there is none
+    script_problem: str | None = None  # why there is none, or why a variant was judged instead of train_gpt.py
 
     def sibling_names(self) -> set[str]:
-        return {e.name for e in self.entries if e.kind in ("file", "dir") and e.name != "train_gpt.py"}
+        return {e.name for e in self.entries if e.kind in ("file", "dir") and e.name != self.script_name}
 
     def code_files(self) -> dict[str, bytes]:
         """Regular files beside the script small enough to be code (what a sandboxed run gets copied)."""
@@ -210,11 +216,25 @@ def load_folder(folder: Path) -> Folder:
         raise FolderError(f"{folder}: not a directory")
     entries = list_folder(folder)
     unsafe = [f"{e.name}: {e.kind}, not followed or read" for e in entries if e.kind not in ("file", "dir")]
-    try:
-        script = read_bytes(folder / "train_gpt.py", MAX_SCRIPT_BYTES)
-    except UnsafeFile as e:
-        raise FolderError(str(e)) from None
+    name, problem = find_script(entries)
+    script = b""
+    if name is not None:
+        try:
+            script = read_bytes(folder / name, MAX_SCRIPT_BYTES)
+        except UnsafeFile as e:
+            name, problem = None, f"required file unreadable: {e}"
     claims = read_submission(folder)
     logs, problems = read_logs(folder, entries)
     artifacts = {int(m[1]): folder / e.name for e in entries if e.kind == "file" and (m := ARTIFACT.fullmatch(e.name))}
-    return Folder(folder, entries, unsafe, script, claims, logs, problems, artifacts)
+    return Folder(folder, entries, unsafe, script, claims, logs, problems, artifacts, name, problem)
+
+
+def find_script(entries: list[Entry]) -> tuple[str | None, str | None]:
+    """(name, problem): train_gpt.py; else the single train_gpt*.py, with a note; else None and why."""
+    if any(e.name == SCRIPT for e in entries):
+        return SCRIPT, None
+    variants = sorted(e.name for e in entries if e.kind == "file" and SCRIPT_VARIANT.fullmatch(e.name))
+    if len(variants) == 1:
+        return variants[0], f"{variants[0]} judged as the record's script (the folder has no {SCRIPT})"
+    more = f" ({len(variants)} candidates: {', '.join(variants)}; none judged)" if variants else ""
+    return None, f"required file missing: {SCRIPT}{more}"

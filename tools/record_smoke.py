@@ -55,12 +55,15 @@ def smoke_dataset(work: Path) -> tuple[Path, Path, int]:
     return out, tok, spm.SentencePieceProcessor(model_file=str(tok)).vocab_size()
 
 
-def smoke_observe(files: dict[str, bytes], work: Path, timeout: float = SMOKE_TIMEOUT_S) -> Observation:
-    """Run `train_gpt.py` among `files` on the tiny config in the sandbox; the run directory is kept under `work`."""
+def smoke_observe(files: dict[str, bytes], work: Path, timeout: float = SMOKE_TIMEOUT_S,
+                  script: str = "train_gpt.py", python: str | None = None) -> Observation:
+    """Run `script` among `files` on the tiny config in the sandbox (under `python`, default this interpreter); the
+    run directory is kept under `work`."""
     data, tok, vocab = smoke_dataset(work)
     env = base_env({**SMOKE_ENV, "DATA_PATH": str(data), "TOKENIZER_PATH": str(tok), "VOCAB_SIZE": str(vocab),
                     "OUT_DIR": "out", "RUN_ID": "smoke"})
-    return run_sandboxed(files, env, timeout, extra_roots=[str(work)], work=work / "sandbox", keep=True)
+    return run_sandboxed(files, env, timeout, script=script, extra_roots=[str(work)], work=work / "sandbox", keep=True,
+                         python=python)
 
 
 @dataclass(frozen=True)

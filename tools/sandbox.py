@@ -74,7 +74,15 @@ _emit("start")
 sys.argv = sys.argv[3:]
 import atexit, runpy
 atexit.register(_emit, "end")
-runpy.run_path(sys.argv[0], run_name="__main__")
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+except BaseException as _e:  # why the script stopped, and where: the frames of the traceback, outermost first
+    _frames, _tb = [], _e.__traceback__
+    while _tb is not None and len(_frames) < 200:
+        _frames.append([_tb.tb_frame.f_code.co_filename, _tb.tb_lineno, _tb.tb_frame.f_code.co_name])
+        _tb = _tb.tb_next
+    _emit("exit", exc=type(_e).__name__, msg=str(_e)[:300], frames=_frames)
+    raise
 '''
 
 STRACE_CONNECT = re.compile(r"^(\d+)\s+connect\(\d+, \{sa_family=(AF_INET6?)(.*?)\}")
@@ -103,6 +111,9 @@ class Observation:
     stdout_tail: str = ""
     stderr_tail: str = ""
     workdir: Path | None = None
+    python: str = ""  # the interpreter that ran the script (`python3.13`, when its grammar was needed)
+    exit_cause: str | None = None  # the exception the script stopped on (`RuntimeError: CUDA is required (...)`)
+    script_ran: bool | None = None  # whether any of the record's own functions ran (None: no exception reported)
 
 
 @functools.lru_cache(maxsize=1)
@@ -123,13 +134,27 @@ def sandbox_status() -> str | None:
     return None
 
 
-def _allowed_roots() -> list[str]:
+PYTHON_ROOTS = ("import json, site, sys, sysconfig; print(json.dumps([sys.prefix, sys.base_prefix, sys.exec_prefix, "
+                "sysconfig.get_paths()['stdlib'], *site.getsitepackages()]))")
+
+
+@functools.lru_cache(maxsize=8)
+def _python_roots(python: str) -> tuple[str, ...]:
+    """Where another interpreter keeps its stdlib and packages (asked of it; parsing its answer runs nothing)."""
+    try:
+        out = subprocess.run([python, "-c", PYTHON_ROOTS], capture_output=True, text=True, timeout=60).stdout
+        return tuple(r for r in json.loads(out) if isinstance(r, str))
+    except (OSError, subprocess.TimeoutExpired, ValueError):
+        return ()
+
+
+def _allowed_roots(python: str | None = None) -> list[str]:
     """Where an interpreter legitimately reads and loads libraries from."""
     import site
     import sysconfig
     roots = {sys.prefix, sys.base_prefix, sys.exec_prefix, *site.getsitepackages(), site.getusersitepackages(),
              sysconfig.get_paths()["stdlib"], "/usr/lib", "/lib", "/usr/lib64", "/lib64", "/usr/local/lib",
-             "/usr/share", "/etc", "/proc", "/sys", "/dev"}
+             "/usr/share", "/etc", "/proc", "/sys", "/dev", *(_python_roots(python) if python else ())}
     return sorted({os.path.realpath(r) for r in roots if r})
 
 
@@ -138,21 +163,23 @@ def _under(path: str, roots: list[str]) -> bool:
 
 
 def command(work: Path, script_dir: Path, script: str, events_fd: int, strace_out: Path | None,
-            read_only: list[str] = ()) -> list[str]:
-    """bwrap argv: everything read-only, /tmp empty (then `read_only` dirs bound back, read-only), `work` writable."""
+            read_only: list[str] = (), python: str | None = None) -> list[str]:
+    """bwrap argv: everything read-only, /tmp empty (then `read_only` dirs bound back, read-only), `work` writable;
+    the script runs under `python` (default: this interpreter)."""
     bwrap = shutil.which("bwrap") or "bwrap"
     ro = [a for d in read_only for a in ("--ro-bind", d, d)]
     cmd = [bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp", *ro,
            "--bind", str(work), str(work), "--unshare-all", "--die-with-parent", "--new-session",
-           "--chdir", str(script_dir), "--", sys.executable, str(work / "_pgolf_audit.py"), str(events_fd),
+           "--chdir", str(script_dir), "--", python or sys.executable, str(work / "_pgolf_audit.py"), str(events_fd),
            str(script_dir), script]
     if strace_out is not None:
         cmd = ["strace", "-f", "-qq", "-e", "trace=connect,execve", "-o", str(strace_out), *cmd]
     return cmd
 
 
-def _read_events(path: Path, obs: Observation, script_dir: Path, script: str, extra_roots: list[str]) -> None:
-    roots = _allowed_roots() + [os.path.realpath(r) for r in extra_roots]
+def _read_events(path: Path, obs: Observation, script_dir: Path, script: str, extra_roots: list[str],
+                 python: str | None = None) -> None:
+    roots = _allowed_roots(python) + [os.path.realpath(r) for r in extra_roots]
     record = os.path.realpath(script_dir)
     work = os.path.dirname(record)
     main = os.path.join(record, script)
@@ -184,6 +211,8 @@ def _read_events(path: Path, obs: Observation, script_dir: Path, script: str, ex
                     obs.code_files.append(os.path.relpath(p, record))
             elif not _under(p, roots + [record, "/tmp"]) and len(obs.outside_reads) < 50:  # /tmp: the sandbox's own
                 obs.outside_reads.append(p)
+        elif kind == "exit":
+            obs.exit_cause, obs.script_ran = _exit_cause(ev, record)
         elif kind == "unpickle":
             target = ev.get("target", "")
             if target.split(".")[0] in ("os", "posix", "nt", "subprocess", "builtins", "sys", "socket", "importlib",
@@ -193,6 +222,24 @@ def _read_events(path: Path, obs: Observation, script_dir: Path, script: str, ex
         obs.observer_intact = False
     for attr in ("code_files", "files_read", "native", "outside_reads"):
         setattr(obs, attr, sorted(set(getattr(obs, attr))))
+
+
+def _exit_cause(ev: dict, record: str) -> tuple[str | None, bool | None]:
+    """(cause, ran): the exception the script stopped on with its deepest frame in the record's code, and whether
+    any of the record's own functions ran (a frame of its code other than the module body). A SyntaxError, or an
+    import at the top of the script that fails, stops it before it ran anything: the run then decides nothing."""
+    exc, msg = str(ev.get("exc") or "?"), str(ev.get("msg") or "")
+    if exc == "SystemExit" and msg in ("", "0", "None"):
+        return None, None
+    frames = [f for f in ev.get("frames") or [] if isinstance(f, list) and len(f) == 3]
+    def of_record(fn: str) -> bool:  # a file of the folder, or code it exec'd (`<string>`); not `<frozen runpy>`
+        if fn.startswith("<"):
+            return not fn.startswith("<frozen")
+        return _under(os.path.realpath(os.path.join(record, fn)), [record])
+
+    ours = [(str(fn), ln, str(name)) for fn, ln, name in frames if of_record(str(fn))]
+    where = f" ({os.path.basename(ours[-1][0])} line {ours[-1][1]}, in {ours[-1][2]})" if ours else ""
+    return f"{exc}: {msg}{where}"[:300], any(name != "<module>" for _, _, name in ours)
 
 
 def _executable(event: str, args: list) -> str:
@@ -223,10 +270,12 @@ def _read_strace(path: Path, obs: Observation) -> None:
 
 
 def run_sandboxed(record_files: dict[str, bytes], env: dict[str, str], timeout: float, script: str = "train_gpt.py",
-                  extra_roots: list[str] | None = None, work: Path | None = None, keep: bool = False) -> Observation:
+                  extra_roots: list[str] | None = None, work: Path | None = None, keep: bool = False,
+                  python: str | None = None) -> Observation:
     """Copy `record_files` into a fresh directory, run `python <script>` there inside the sandbox with `env`, and
     return what the observers saw. `extra_roots`: directories the run may read without it being reported (the
-    smoke dataset). With `keep`, the directory stays (`workdir`) for the caller to read outputs from."""
+    smoke dataset). With `keep`, the directory stays (`workdir`) for the caller to read outputs from. `python`:
+    another interpreter (a script written for a newer grammar), else this one."""
     why = sandbox_status()
     if why is not None:
         return Observation(ran=False, reason=why)
@@ -243,11 +292,13 @@ def run_sandboxed(record_files: dict[str, bytes], env: dict[str, str], timeout: 
         events = work / "events.jsonl"
         fd = os.open(events, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         strace_out = work / "strace.txt" if shutil.which("strace") else None
+        here = f"Python {sys.version_info[0]}.{sys.version_info[1]}"
         obs = Observation(ran=True, observers=["audit hook"] + (["strace"] if strace_out else []),
-                          workdir=work if keep else None)
+                          workdir=work if keep else None, python=os.path.basename(python) if python else here)
         t0 = time.perf_counter()
         try:
-            cmd = command(work, script_dir, script, fd, strace_out, [os.path.realpath(r) for r in extra_roots or []])
+            cmd = command(work, script_dir, script, fd, strace_out, [os.path.realpath(r) for r in extra_roots or []],
+                          python)
             proc = subprocess.run(cmd, env=env, pass_fds=(fd,),
                                   capture_output=True, text=True, errors="replace", timeout=timeout,
                                   stdin=subprocess.DEVNULL)
@@ -258,7 +309,7 @@ def run_sandboxed(record_files: dict[str, bytes], env: dict[str, str], timeout: 
         finally:
             os.close(fd)
         obs.seconds = time.perf_counter() - t0
-        _read_events(events, obs, script_dir, script, extra_roots or [])
+        _read_events(events, obs, script_dir, script, extra_roots or [], python)
         if strace_out is not None and strace_out.is_file():
             _read_strace(strace_out, obs)
         return obs

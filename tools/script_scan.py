@@ -14,6 +14,7 @@ from __future__ import annotations
 import ast
 import base64
 import bz2
+import functools
 import gzip
 import io
 import json
@@ -78,6 +79,7 @@ class Scan:
     parse_error: str | None = None
     findings: list[Finding] = field(default_factory=list)
     code_refs: list[str] = field(default_factory=list)  # sibling names the script imports, execs or reads as code
+    python: str | None = None  # the newer interpreter whose grammar parsed it (the sandbox runs it there too)
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -147,6 +149,21 @@ def _exec_payload(tree: ast.Module) -> tuple[int, ast.Call] | None:
     return hits[0] if len(hits) == 1 else None
 
 
+def _file_read(node: ast.AST) -> str | None:
+    """The file an expression reads as text (`open(p).read()`, `Path(p).read_text()`, `open(p, 'rb').read()`), named
+    from its last literal (`__file__.replace("train_gpt.py", "impl.py")` -> impl.py), else `a file named at run
+    time`; None when the expression is not a file read."""
+    if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+            and node.func.attr in ("read", "read_text", "read_bytes")):
+        return None
+    opener = node.func.value
+    if node.func.attr == "read" and not (isinstance(opener, ast.Call) and isinstance(opener.func, ast.Name | ast.Attribute)
+                                         and (getattr(opener.func, "id", None) or opener.func.attr) == "open"):
+        return None
+    names = [s for s in _path_literals(opener) if s.endswith(".py") or "/" in s or "." in s]
+    return names[-1] if names else "a file named at run time"
+
+
 def decode_wrappers(text: str, parse: Any = ast.parse) -> tuple[str, str, str | None]:
     """(source, wrapper, error): a self-extracting script's decoded source with the wrapper's other top-level lines
     kept (they run too); nested wrappers decoded up to MAX_DEPTH. `plain` when the script is not a wrapper."""
@@ -161,6 +178,8 @@ def decode_wrappers(text: str, parse: Any = ast.parse) -> tuple[str, str, str | 
         if hit is None:
             break
         i, call = hit
+        if (read := _file_read(call.args[0])) is not None:  # exec(open(<sibling>).read()): nothing to decode here
+            return src, "+".join([*kinds, f"exec stub of {read} (the code that runs is that file)"]), None
         try:
             decoded = _Eval(tree).value(call.args[0])
             inner = decoded.decode("utf-8") if isinstance(decoded, bytes) else decoded
@@ -180,10 +199,22 @@ def decode_wrappers(text: str, parse: Any = ast.parse) -> tuple[str, str, str | 
 # parsing under the right grammar
 # -----------------------------------------------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=1)
 def newer_pythons() -> list[str]:
-    """Interpreters on PATH newer than the running one (their grammar accepts what this one may not)."""
-    here = sys.version_info[:2]
-    return [exe for minor in range(here[1] + 1, 20) if (exe := shutil.which(f"python{here[0]}.{minor}"))]
+    """Interpreters on PATH newer than the running one (their grammar accepts what this one may not), newest first.
+    Each is asked its version: a pyenv shim of a version that is not selected is on PATH but does not run."""
+    major, here = sys.version_info[:2]
+    found = []
+    for minor in range(19, here, -1):
+        exe = shutil.which(f"python{major}.{minor}")
+        try:
+            out = subprocess.run([exe, "-I", "-S", "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+                                 capture_output=True, text=True, timeout=30).stdout.strip() if exe else ""
+        except (OSError, subprocess.TimeoutExpired):
+            out = ""
+        if out == f"{major}.{minor}":
+            found.append(exe)
+    return found
 
 
 def _scan_elsewhere(exe: str, text: str) -> dict[str, Any] | None:
@@ -335,7 +366,10 @@ class _Capabilities(ast.NodeVisitor):
                 if len(self.out) > before:
                     self.out[-1] = Finding(node.lineno, self.out[-1].kind, f"{name}({base}, {attr!r})")
         if name in ("globals", "vars", "locals") and isinstance(f, ast.Name):
-            self.add(node, "dynamic", f"{name}() (the module namespace as a dict)")
+            if not node.args:
+                self.add(node, "dynamic", f"{name}() (the module namespace as a dict)")
+            elif self._resolve(node.args[0]).split(".")[0] in RISKY_BASES:  # vars(obj): like getattr on obj
+                self.add(node, "dynamic", f"{ast.unparse(node)[:60]} (a risky module's namespace as a dict)")
         full = self._resolve(f)
         if full.startswith("subprocess.") and full.rsplit(".", 1)[-1] in SUBPROCESS_CALLS:
             argv = _literal_argv(node)
@@ -344,14 +378,41 @@ class _Capabilities(ast.NodeVisitor):
                 self.add(node, "info", f"runs {' '.join(argv)[:80]}")
             else:
                 self.add(node, "process", f"runs {' '.join(argv)[:80] if argv else 'a command built at run time'}")
-        if name in ("open", "read_text", "read_bytes", "FileIO", "fdopen", "exec", "run_path", "compile"):
-            for s in (_fold(n) for n in ast.walk(node) if isinstance(n, ast.Constant | ast.BinOp)):
-                if s and (CODE_SUFFIX.search(s) or s in self.siblings) and not any(c in s for c in "*?["):
+        if name in READERS:
+            for s in _path_literals(node):
+                if (CODE_SUFFIX.search(s) or s in self.siblings) and not any(c in s for c in "*?["):
                     base = s.rsplit("/", 1)[-1]
                     self.add(node, "code_file", f"reads {s} ({ast.unparse(node)[:60]})")
                     if base in self.siblings:
                         self.code_refs.append(base)
         self.generic_visit(node)
+
+
+READERS = ("open", "read_text", "read_bytes", "FileIO", "fdopen", "exec", "run_path", "compile")
+
+
+def _path_literals(node: ast.Call) -> list[str]:
+    """The file names a reading call's arguments spell out. A nested reading call reports its own (one finding per
+    fact: `exec(open(p).read())` is the `open`'s), and in `x.replace(old, new)` only `new` is a name that is read."""
+    out: list[str] = []
+
+    def walk(n: ast.AST) -> None:
+        if n is not node and isinstance(n, ast.Call):
+            f = n.func
+            if (f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else None) in READERS:
+                return
+            if isinstance(f, ast.Attribute) and f.attr == "replace" and len(n.args) == 2:
+                walk(f.value)
+                walk(n.args[1])
+                return
+        if isinstance(n, ast.Constant | ast.BinOp) and (s := _fold(n)):
+            out.append(s)
+            return
+        for child in ast.iter_child_nodes(n):
+            walk(child)
+
+    walk(node)
+    return out
 
 
 def _token_scan(text: str, siblings: set[str]) -> list[Finding]:
@@ -362,8 +423,13 @@ def _token_scan(text: str, siblings: set[str]) -> list[Finding]:
              **{m: "native" for m in NATIVE_MODULES | NATIVE_ATTRS},
              **{m: "dynamic" for m in (DYNAMIC_NAMES | DYNAMIC_MODULES) - {"types", "inspect", "code"}}}
     try:
-        for tok in tokenize.generate_tokens(io.StringIO(text).readline):
-            if tok.type == tokenize.NAME and tok.string in words:
+        toks = [t for t in tokenize.generate_tokens(io.StringIO(text).readline)
+                if t.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.COMMENT, tokenize.INDENT, tokenize.DEDENT)]
+        for i, tok in enumerate(toks):
+            after_dot = i > 0 and toks[i - 1].string == "."  # `model.eval()`, `torch.compile`: attributes, not names
+            with_arg = tok.string == "vars" and toks[i + 1:i + 3] and toks[i + 1].string == "(" and (
+                toks[i + 2].string != ")")  # vars(obj) is obj's attributes, not the module namespace
+            if tok.type == tokenize.NAME and tok.string in words and not after_dot and not with_arg:
                 out.append(Finding(tok.start[0], words[tok.string], f"token `{tok.string}`"))
             elif tok.type == tokenize.STRING:
                 for sib in siblings:
@@ -377,26 +443,25 @@ def _token_scan(text: str, siblings: set[str]) -> list[Finding]:
 def scan_script(text: str, siblings: set[str] | frozenset[str] = frozenset(), other_pythons: bool = True) -> Scan:
     """Decode, parse (this Python, else a newer one, else tokens) and list capabilities with line numbers."""
     siblings = set(siblings)
+    here = f"Python {sys.version_info[0]}.{sys.version_info[1]}"
+    wrapper, inner, error = "plain", text, None
     try:
         ast.parse(text)
+        inner, wrapper, error = decode_wrappers(text)
+        tree = ast.parse(inner)
     except (SyntaxError, ValueError, RecursionError, MemoryError) as e:  # ValueError: NUL bytes
         msg, lineno = getattr(e, "msg", None) or str(e) or type(e).__name__, getattr(e, "lineno", None)
-        for exe in newer_pythons() if other_pythons else []:
+        why = f"{here} cannot parse {'the decoded source' if wrapper != 'plain' else 'it'} ({msg}, line {lineno})"
+        for exe in newer_pythons() if other_pythons else []:  # PEP 701 f-strings need 3.12, in the payload too
             res = _scan_elsewhere(exe, text)
-            if res is not None:
-                scan = Scan(res["wrapper"], res["inner"], f"ast ({exe.rsplit('/', 1)[-1]})", res["parse_error"],
-                            [Finding(**f) for f in res["findings"]], res["code_refs"])
+            if res is not None and res["parsed_with"] != "tokens":
+                name = exe.rsplit("/", 1)[-1]
+                scan = Scan(res["wrapper"], res["inner"], f"ast ({name})", res["parse_error"] or f"{why}; {name} can",
+                            [Finding(**f) for f in res["findings"]], res["code_refs"], python=exe)
                 _sibling_refs(scan, siblings)
                 return scan
-        scan = Scan("plain", text, "tokens", f"Python {sys.version_info[0]}.{sys.version_info[1]} cannot parse it "
-                    f"({msg}, line {lineno})", _token_scan(text, siblings))
-        return scan
-    inner, wrapper, error = decode_wrappers(text)
-    try:
-        tree = ast.parse(inner)
-    except (SyntaxError, ValueError, RecursionError, MemoryError) as e:
-        return Scan(wrapper, inner, "tokens", f"decoded source does not parse ({getattr(e, 'msg', None) or e}, line "
-                    f"{getattr(e, 'lineno', None)})", _token_scan(inner, siblings))
+        none = "" if not other_pythons or newer_pythons() else "; no newer python3.X on PATH"
+        return Scan(wrapper, inner, "tokens", f"{why}{none}", _token_scan(inner, siblings))
     cap = _Capabilities(siblings)
     try:
         cap.visit(tree)
@@ -406,8 +471,7 @@ def scan_script(text: str, siblings: set[str] | frozenset[str] = frozenset(), ot
     if error:
         findings.insert(0, Finding(0, "dynamic", error))
         inner = None
-    return Scan(wrapper, inner, f"ast (Python {sys.version_info[0]}.{sys.version_info[1]})", None, findings,
-                sorted(set(cap.code_refs)))
+    return Scan(wrapper, inner, f"ast ({here})", None, findings, sorted(set(cap.code_refs)))
 
 
 def _sibling_refs(scan: Scan, siblings: set[str]) -> None:
