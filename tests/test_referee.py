@@ -591,3 +591,16 @@ def test_a_script_that_needs_newer_grammar_runs_under_it(tmp_path: Path) -> None
     rows = check_folder(folder, Options(timeout=120))
     run = next(r for r in rows if r.check == "sandbox run")
     assert "SyntaxError" not in run.value and "SystemExit: 1" in run.value, run.value
+
+
+def test_an_interpreter_under_tmp_is_bound_into_the_sandbox(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sandbox empties /tmp; a CI clone's venv living there must be bound back, after the tmpfs, or bwrap cannot
+    exec the interpreter (every sandboxed run then fails with 'execvp ... No such file or directory')."""
+    from tools import sandbox
+    venv = tmp_path / "venv"
+    venv.mkdir()
+    monkeypatch.setattr(sandbox, "_allowed_roots", lambda python=None: [str(venv), "/usr/lib"])
+    cmd = sandbox.command(tmp_path / "work", tmp_path / "work" / "rec", "train_gpt.py", 3, None)
+    tmpfs = cmd.index("--tmpfs")
+    binds = [cmd[i + 1] for i, a in enumerate(cmd) if a == "--ro-bind" and i > tmpfs]
+    assert str(venv) in binds and "/usr/lib" not in binds  # only what the empty /tmp hides

@@ -164,10 +164,11 @@ def _under(path: str, roots: list[str]) -> bool:
 
 def command(work: Path, script_dir: Path, script: str, events_fd: int, strace_out: Path | None,
             read_only: list[str] = (), python: str | None = None) -> list[str]:
-    """bwrap argv: everything read-only, /tmp empty (then `read_only` dirs bound back, read-only), `work` writable;
-    the script runs under `python` (default: this interpreter)."""
+    """bwrap argv: everything read-only, /tmp empty (then the interpreter's own dirs and `read_only` dirs bound back,
+    read-only), `work` writable; the script runs under `python` (default: this interpreter)."""
     bwrap = shutil.which("bwrap") or "bwrap"
-    ro = [a for d in read_only for a in ("--ro-bind", d, d)]
+    interpreter = [r for r in _allowed_roots(python) if _under(r, ["/tmp"]) and os.path.isdir(r)]  # a venv in /tmp
+    ro = [a for d in [*interpreter, *read_only] for a in ("--ro-bind", d, d)]
     cmd = [bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp", *ro,
            "--bind", str(work), str(work), "--unshare-all", "--die-with-parent", "--new-session",
            "--chdir", str(script_dir), "--", python or sys.executable, str(work / "_pgolf_audit.py"), str(events_fd),
