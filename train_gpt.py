@@ -85,7 +85,8 @@ def log_line(kind: str, **values: object) -> str:
     return LOG_FORMATS[kind].format(**values)
 
 # -----------------------------------------------------------------------------
-# CONFIG: one frozen dataclass; defaults are record P (PR #1493) as it ran; env vars override (upper-case names)
+# CONFIG: one frozen dataclass; env vars override (upper-case names). Model and training defaults are record N
+# (PR #1855, 1.0614); configs/record_p.env gives record P (PR #1493, 1.0810).
 # -----------------------------------------------------------------------------
 
 
@@ -98,7 +99,7 @@ class Config:
     out_dir: str = "."  # logs/, final_model.pt, final_model.int6.ptz, run_summary.json
     run_id: str = ""  # "" = a fresh uuid4
     seed: int = 1337  # init, data order (with rank) and TTT randomness
-    # model shape (record P: 11L x 512d, 8 heads / 4 KV heads, MLP 4x, vocab 8192 -> 35,944,536 params)
+    # model shape (11L x 512d, 8 heads / 4 KV heads, MLP 4x, vocab 8192 -> 35,945,671 params; P: 35,944,536)
     vocab_size: int = 8192
     num_layers: int = 11
     model_dim: int = 512
@@ -110,7 +111,7 @@ class Config:
     logit_softcap: float = 30.0
     rope_base: float = 10000.0
     rope_dims: int = 16  # partial RoPE: rotate the first 16 of 64 head dims
-    qk_gain_init: float = 5.25  # QK-gain 5.25 (PR #1493)
+    qk_gain_init: float = 5.0  # QK-gain (PR #1493 uses 5.25)
     xsa_last_n: int = 11  # XSA on the last n layers (11 = all)
     ln_scale: bool = True  # 1/sqrt(layer+1) on every block input norm
     skip_gates_enabled: bool = True  # sigmoid-gated U-Net skips; off = the baseline's additive skips
@@ -118,24 +119,31 @@ class Config:
     loop_start: int = 3
     loop_end: int = 5
     enable_looping_at: float = 0.35  # fraction of the train budget after which looping switches on
-    parallel_residual_start: int = 7  # GPT-J style parallel attn+MLP from this physical layer on
+    parallel_residual_start: int = 8  # parallel attn+MLP from this physical layer on (upstream: PARALLEL_START_LAYER)
+    parallel_lanes: int = 2  # 2: two residual lanes mixed by learned lambdas (record N); 1: one lane, GPT-J (P)
+    smear_gate_enabled: bool = True  # SmearGate with the BOS fix
+    sparse_attn_gate_enabled: bool = True  # per-head sigmoid gate on the attention output
+    sparse_attn_gate_scale: float = 1.0
+    doc_isolation: bool = True  # attention never crosses a BOS: documents are isolated in every forward
     # optimization
     iterations: int = 20000
     train_batch_tokens: int = 786_432
     train_seq_len: int = 2048
     grad_accum_steps: int = 0  # 0 = 8 // world_size (upstream), so the global batch is the same on 1-8 ranks
     max_wallclock_seconds: float = 600.0  # 0 = no cap (step-based schedule)
-    gptq_reserve_seconds: float = 12.0  # Hessian collection must end inside the 600 s train budget
-    warmdown_frac: float = 0.72
-    min_lr: float = 0.0
+    gptq_reserve_seconds: float = 8.0  # Hessian collection must end inside the 600 s train budget
+    train_loader: str = "packed"  # packed: record N's sequential document stream; shuffled: record P's loader
+    warmdown_frac: float = 0.75
+    min_lr: float = 0.1  # LR floor of the warmdown, as a fraction of the peak
     warmup_steps: int = 20  # compile warm-up steps, undone afterwards
-    matrix_lr: float = 0.022
+    matrix_lr: float = 0.026
     scalar_lr: float = 0.02
     tied_embed_lr: float = 0.03
-    muon_momentum: float = 0.99
+    muon_momentum: float = 0.97
     muon_momentum_warmup_start: float = 0.92
     muon_momentum_warmup_steps: int = 1500
     muon_backend_steps: int = 5
+    muon_ns: str = "polar"  # Newton-Schulz coefficients: polar (Polar Express, one triple per step) or quintic
     muon_wd: float = 0.095
     muon_row_normalize: bool = True  # MuonEq-R (PR #1394)
     beta1: float = 0.9
@@ -161,7 +169,7 @@ class Config:
     ttt_momentum: float = 0.9
     ttt_chunk_tokens: int = 32_768
     # quantization (quant/)
-    gptq_calibration_batches: int = 64
+    gptq_calibration_batches: int = 16
     matrix_bits: int = 6
     matrix_clip_sigmas: float = 12.85
     embed_bits: int = 8
@@ -187,6 +195,11 @@ class Config:
         need(self.compile in ("auto", "0", "1"), f"COMPILE={self.compile!r}: use auto, 0 or 1")
         need(self.precision in ("auto", "fp32", "bf16"), f"PRECISION={self.precision!r}: use auto, fp32 or bf16")
         need(self.attention in ("auto", "fa3", "sdpa"), f"ATTENTION={self.attention!r}: use auto, fa3 or sdpa")
+        need(self.parallel_lanes in (1, 2), f"PARALLEL_LANES={self.parallel_lanes}: use 1 or 2")
+        need(self.parallel_lanes == 1 or self.num_loops == 0 or self.loop_end < self.parallel_residual_start,
+             "two parallel lanes need the looped layers before PARALLEL_RESIDUAL_START (a lane cannot end mid-model)")
+        need(self.muon_ns in NS_COEFFS, f"MUON_NS={self.muon_ns!r}: use {' or '.join(NS_COEFFS)}")
+        need(self.train_loader in ("packed", "shuffled"), f"TRAIN_LOADER={self.train_loader!r}: use packed or shuffled")
         need(self.compressor in ARTIFACT_CODECS, f"COMPRESSOR={self.compressor!r}: use {', '.join(ARTIFACT_CODECS)}")
         need(0 < self.vocab_size <= 65536, "VOCAB_SIZE must be in 1..65536 (uint16 shards)")
 
@@ -208,17 +221,58 @@ class Config:
         """Config from upper-case env vars (SEED=42 ...). A near-miss name (MODEL_DIMS) is an error with a hint."""
         env = os.environ if env is None else env
         fields = {f.name.upper(): f for f in dataclasses.fields(cls)}
-        for key in env:
-            if key in fields or key in _FOREIGN_ENV or not key.replace("_", "").isupper():
-                continue
-            close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.88)
-            if close:
-                raise ValueError(f"unknown config env var {key}; did you mean {close[0]}?")
         kwargs = {}
-        for key, f in fields.items():
-            if key in env:
-                kwargs[f.name] = _parse_env(key, env[key], f.type)
+        for key, raw in env.items():
+            if key in UPSTREAM_FIXED and _same(raw, UPSTREAM_FIXED[key][0]):
+                continue
+            if key in UPSTREAM_FIXED or key in UPSTREAM_REFUSED:
+                why = UPSTREAM_FIXED[key][1] if key in UPSTREAM_FIXED else UPSTREAM_REFUSED[key]
+                raise ValueError(f"{key}={raw}: {why}; remove it (docs/config.md)")
+            name = UPSTREAM_ALIASES.get(key, key)
+            if name in fields:
+                kwargs[fields[name].name] = _parse_env(key, raw, fields[name].type)
+            elif key not in _FOREIGN_ENV and key.replace("_", "").isupper():
+                close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.88)
+                if close:
+                    raise ValueError(f"unknown config env var {key}; did you mean {close[0]}?")
         return cls(**kwargs)
+
+
+# Env names of upstream records (the baseline B, P, N) that are not pgolf's: aliases of fields, switches pgolf does
+# not have (accepted only at the value pgolf behaves as), and features it lacks. docs/config.md tells each one's story.
+UPSTREAM_ALIASES = {"PARALLEL_START_LAYER": "PARALLEL_RESIDUAL_START", "ARTIFACT_DIR": "OUT_DIR"}  # N
+UPSTREAM_FIXED = {  # name: (pgolf's behaviour as that switch's value, why)
+    "TIE_EMBEDDINGS": ("1", "the embedding is always tied to the output head"),
+    "PARALLEL_FINAL_LANE": ("mean", "two parallel lanes always end in their mean"),
+    "ROPE_YARN": ("0", "RoPE has no YaRN scaling"),
+    "FUSED_CE_ENABLED": ("0", "the loss is torch's softcapped cross-entropy, no fused Triton kernel (same math)"),
+    "GATE_WINDOW": ("12", "SmearGate and the sparse attention gate read 12 input dims"),
+    "SPARSE_ATTN_GATE_INIT_STD": ("0", "the sparse attention gate starts at zero"),
+    "ATTN_OUT_GATE_ENABLED": ("0", "the attention gates are the sparse gate only (SPARSE_ATTN_GATE_ENABLED)"),
+    "GATED_ATTN_ENABLED": ("0", "the attention gates are the sparse gate only (SPARSE_ATTN_GATE_ENABLED)"),
+}
+UPSTREAM_REFUSED = {
+    **dict.fromkeys(("EMBED_LR", "HEAD_LR"), "pgolf ties the embedding; its rate is TIED_EMBED_LR"),
+    "CASEOPS_ENABLED": "point DATA_PATH and TOKENIZER_PATH at the CaseOps variant; bytes come from its sidecar",
+    **dict.fromkeys(("TTT_LORA_RANK", "TTT_LORA_LR", "TTT_CHUNK_SIZE", "TTT_EVAL_SEQ_LEN", "TTT_BATCH_SIZE",
+                     "TTT_GRAD_STEPS", "TTT_WEIGHT_DECAY", "TTT_BETA1", "TTT_BETA2", "TTT_K_LORA", "TTT_MLP_LORA",
+                     "TTT_O_LORA", "TTT_OPTIMIZER", "TTT_EVAL_BATCHES", "TTT_LORA_ALPHA", "TTT_WARM_START_A",
+                     "PHASED_TTT_PREFIX_DOCS", "PHASED_TTT_NUM_PHASES", "GLOBAL_TTT_LR", "GLOBAL_TTT_MOMENTUM",
+                     "GLOBAL_TTT_EPOCHS", "GLOBAL_TTT_CHUNK_TOKENS", "GLOBAL_TTT_BATCH_SEQS", "GLOBAL_TTT_GRAD_CLIP",
+                     "GLOBAL_TTT_WARMUP_START_LR", "GLOBAL_TTT_WARMUP_CHUNKS", "GLOBAL_TTT_RESPECT_DOC_BOUNDARIES",
+                     "VAL_DOC_FRACTION", "TTT_EVAL_ONLY", "PREQUANT_ONLY"),
+                    "record N's phased LoRA TTT is not in pgolf yet (its TTT is record P's score-first chunk SGD)"),
+    **dict.fromkeys(("MLP_CLIP_SIGMAS", "ATTN_CLIP_SIGMAS", "LQER_ENABLED", "LQER_RANK", "LQER_TOP_K",
+                     "LQER_FACTOR_BITS", "LQER_ASYM_ENABLED", "LQER_ASYM_GROUP", "GATED_ATTN_QUANT_GATE"),
+                    "record N's per-role clip sigmas and LQER are not in the trainer's config yet"),
+}
+
+
+def _same(raw: str, value: str) -> bool:
+    try:
+        return float(raw) == float(value)
+    except ValueError:
+        return raw.strip().lower() == value
 
 
 _FOREIGN_ENV = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "MASTER_ADDR",
@@ -483,40 +537,104 @@ def xsa(y: Tensor, v: Tensor) -> Tensor:
     return y - (y * v_hat).sum(-1, keepdim=True) * v_hat
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, fa3: Callable | None = None) -> Tensor:
-    """Causal GQA attention on (B, T, H, D) / (B, T, Hkv, D): FlashAttention-3's flash_attn_func when given, else SDPA.
-    FA3 takes q, k, v in one 16-bit dtype: v's when it is 16-bit (bf16 under autocast), else bf16."""
+DOC_MIN_TOKENS = 16  # a row isolates up to T / 16 documents (a static count, so attention compiles with fullgraph)
+
+
+def doc_starts(ids: Tensor) -> Tensor:
+    """(B, T // DOC_MIN_TOKENS) int64: the document starts of each row, ascending, padded with T. A row starts a
+    document at position 0 and at every BOS. A row with more documents than that keeps its first boundaries and its
+    last documents attend to each other (still causal, never across rows)."""
+    B, T = ids.shape
+    pos = torch.arange(T, device=ids.device).expand(B, T)
+    key = torch.where((ids == BOS_ID) | (pos == 0), pos, T)
+    return key.sort(dim=1).values[:, : max(1, T // DOC_MIN_TOKENS)].contiguous()
+
+
+@dataclass(frozen=True)
+class Docs:
+    """How attention isolates documents, computed once per forward (doc_mask): for SDPA a (B, 1, T, T) boolean mask
+    (causal and same document), for FlashAttention-3's varlen entry point int32 cu_seqlens over the flattened
+    rows, with zero-length padding segments, and the longest possible segment. None everywhere = plain causal."""
+
+    mask: Tensor | None = None
+    cu_seqlens: Tensor | None = None
+    max_len: int = 0
+
+
+def doc_mask(ids: Tensor, fa3: Callable | None, enabled: bool) -> Docs:
+    """Document isolation from the BOS tokens in ids: the same segments (doc_starts) for SDPA and for FA3 varlen
+    (record N trains and evaluates with flash_attn_varlen_func; PR #1530 lineage)."""
+    if not enabled:
+        return Docs()
+    B, T = ids.shape
+    starts = doc_starts(ids)
+    if fa3 is not None:
+        flat = starts + T * torch.arange(B, device=ids.device)[:, None]
+        end = torch.full((1,), B * T, dtype=flat.dtype, device=ids.device)
+        return Docs(cu_seqlens=torch.cat((flat.flatten(), end)).to(torch.int32), max_len=T)
+    pos = torch.arange(T, device=ids.device)
+    seg = torch.searchsorted(starts, pos.expand(B, T).contiguous(), right=True)  # document index of each position
+    same = seg[:, :, None] == seg[:, None, :]
+    return Docs(mask=(same & (pos[None, :] <= pos[:, None]))[:, None])
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, fa3: Callable | None = None, docs: Docs = Docs()) -> Tensor:
+    """Causal GQA attention on (B, T, H, D) / (B, T, Hkv, D), documents isolated by `docs`: FlashAttention-3
+    (flash_attn_func, or its varlen entry point with cu_seqlens) when given, else SDPA. FA3 takes q, k, v in one
+    16-bit dtype: v's when it is 16-bit (bf16 under autocast), else bf16."""
     if fa3 is not None:
         dt = v.dtype if v.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
-        out = fa3(q.to(dt), k.to(dt), v.to(dt), causal=True)
-        return out[0] if isinstance(out, tuple) else out  # some FA3 builds return (out, softmax_lse)
-    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
-                                       enable_gqa=True)
+        q, k, v = q.to(dt), k.to(dt), v.to(dt)
+        if docs.cu_seqlens is None:
+            out = fa3(q, k, v, causal=True)
+        else:
+            cu, m = docs.cu_seqlens, docs.max_len
+            out = fa3.varlen(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu_seqlens_q=cu, cu_seqlens_k=cu,
+                             max_seqlen_q=m, max_seqlen_k=m, causal=True)
+        out = out[0] if isinstance(out, tuple) else out  # some FA3 builds return (out, softmax_lse)
+        return out.view_as(q)
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=docs.mask,
+                                       is_causal=docs.mask is None, enable_gqa=True)
     return y.transpose(1, 2)
+
+
+ATTN_GATE_DIMS = SMEAR_GATE_DIMS = 12  # input dims read by the sparse attention gate and by SmearGate
+
+
+def smear(x: Tensor, ids: Tensor, w: Tensor, lam: Tensor) -> Tensor:
+    """SmearGate (PR #1667) with the BOS fix (PR #1851): x_t += lam * sigmoid(w . x_t[:12]) * x_{t-1} for t >= 1,
+    the gate forced to 0 where token t is BOS, so no document leaks into the next one. Identity at init (w, lam = 0)."""
+    g = torch.sigmoid(F.linear(x[:, 1:, :SMEAR_GATE_DIMS], w.to(x.dtype))).masked_fill(ids[:, 1:, None] == BOS_ID, 0)
+    return torch.cat((x[:, :1], x[:, 1:] + lam.to(x.dtype) * g * x[:, :-1]), dim=1)
 
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, num_kv_heads: int, qk_gain_init: float, use_xsa: bool,
-                 fa3: Callable | None = None):
+                 fa3: Callable | None = None, gate_scale: float | None = None):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, dim // num_heads
-        self.use_xsa, self.fa3 = use_xsa, fa3
+        self.use_xsa, self.fa3, self.gate_scale = use_xsa, fa3, gate_scale
         self.c_q = nn.Linear(dim, dim, bias=False)
         self.c_k = nn.Linear(dim, num_kv_heads * self.head_dim, bias=False)
         self.c_v = nn.Linear(dim, num_kv_heads * self.head_dim, bias=False)
         self.proj = nn.Linear(dim, dim, bias=False)
         self.q_gain = nn.Parameter(torch.full((num_heads,), qk_gain_init))  # QK-gain (PR #1493 uses 5.25)
+        if gate_scale is not None:  # sparse attention output gate (PR #1787): 12 input dims per head, 0.5 at init
+            self.attn_gate_w = nn.Parameter(torch.zeros(num_heads, ATTN_GATE_DIMS))
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, docs: Docs = Docs()) -> Tensor:
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.num_heads, self.head_dim)
         k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim)
         v = self.c_v(x).view(B, T, self.num_kv_heads, self.head_dim)
         q = apply_partial_rope(rms_norm(q), cos, sin) * self.q_gain.to(q.dtype)[None, None, :, None]
         k = apply_partial_rope(rms_norm(k), cos, sin)
-        y = attention(q, k, v, self.fa3)  # (B, T, H, D)
+        y = attention(q, k, v, self.fa3, docs)  # (B, T, H, D)
         if self.use_xsa:  # XSA: PR #1019 lineage
             y = xsa(y, v)
+        if self.gate_scale is not None:
+            gate = F.linear(x[..., :ATTN_GATE_DIMS], self.attn_gate_w.to(x.dtype)) * self.gate_scale
+            y = y * torch.sigmoid(gate)[..., None]
         return self.proj(y.reshape(B, T, -1))
 
 
@@ -536,7 +654,8 @@ class Block(nn.Module):
         super().__init__()
         dim = cfg.model_dim
         self.attn = CausalSelfAttention(dim, cfg.num_heads, cfg.num_kv_heads, cfg.qk_gain_init,
-                                        use_xsa=layer_idx >= cfg.num_layers - cfg.xsa_last_n, fa3=fa3)
+                                        use_xsa=layer_idx >= cfg.num_layers - cfg.xsa_last_n, fa3=fa3,
+                                        gate_scale=cfg.sparse_attn_gate_scale if cfg.sparse_attn_gate_enabled else None)
         self.mlp = MLP(dim, int(cfg.mlp_mult * dim), cfg.mlp_leaky_slope)
         self.attn_scale = nn.Parameter(torch.ones(dim))
         self.mlp_scale = nn.Parameter(torch.ones(dim))
@@ -544,18 +663,27 @@ class Block(nn.Module):
         self.norm_scale = 1.0 / math.sqrt(layer_idx + 1) if cfg.ln_scale else 1.0  # physical index, kept when looped
         self.parallel = layer_idx >= cfg.parallel_residual_start  # parallel residuals: PR #1204, #1412
 
-    def forward(self, x: Tensor, x0: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        mix = self.resid_mix.to(x.dtype)
-        x = mix[0] * x + mix[1] * x0
-        h = rms_norm(x) * self.norm_scale
+    def forward(self, x: Tensor, x0: Tensor, cos: Tensor, sin: Tensor, docs: Docs,
+                lane1: Tensor | None = None, lambdas: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor | None]:
+        """x (lane 0) and lane 1 after this layer. With two lanes (record N), attention reads lane 0 (mixed with x0),
+        the MLP reads lane 1, and each lane takes rho * itself + pi-weighted attention and MLP outputs."""
+        dt = x.dtype
+        mix = self.resid_mix.to(dt)
+        mixed = mix[0] * x + mix[1] * x0
+        h = rms_norm(mixed) * self.norm_scale
+        a = self.attn_scale.to(dt) * self.attn(h, cos, sin, docs)
+        if lane1 is not None:
+            rho, pi = (t.to(dt) for t in lambdas)
+            m = self.mlp_scale.to(dt) * self.mlp(rms_norm(lane1) * self.norm_scale)
+            return rho[0] * x + pi[0, 0] * a + pi[1, 0] * m, rho[1] * lane1 + pi[0, 1] * a + pi[1, 1] * m
         if self.parallel:
-            return x + self.attn_scale.to(x.dtype) * self.attn(h, cos, sin) + self.mlp_scale.to(x.dtype) * self.mlp(h)
-        x = x + self.attn_scale.to(x.dtype) * self.attn(h, cos, sin)
-        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.norm_scale)
+            return mixed + a + self.mlp_scale.to(dt) * self.mlp(h), None
+        x = mixed + a
+        return x + self.mlp_scale.to(dt) * self.mlp(rms_norm(x) * self.norm_scale), None
 
 
 class GPT(nn.Module):
-    """fa3: FlashAttention-3's flash_attn_func for every attention call (see resolve_attention), None for SDPA."""
+    """fa3: FlashAttention-3 for every attention call (see resolve_attention), None for SDPA."""
 
     def __init__(self, cfg: Config, fa3: Callable | None = None):
         super().__init__()
@@ -566,6 +694,13 @@ class GPT(nn.Module):
         self.num_skips = min(len(enc), len(dec))  # sized for the looped lists, also used unlooped
         self.skip_weights = nn.Parameter(torch.ones(self.num_skips, cfg.model_dim))
         self.skip_gates = nn.Parameter(torch.zeros(self.num_skips, cfg.model_dim)) if cfg.skip_gates_enabled else None
+        if cfg.smear_gate_enabled:
+            self.smear_gate = nn.Parameter(torch.zeros(1, SMEAR_GATE_DIMS))
+            self.smear_lambda = nn.Parameter(torch.zeros(1))
+        if cfg.parallel_lanes == 2:  # two-lane parallel residuals (PR #1530 lineage), one row per physical layer
+            self.parallel_resid_lambdas = nn.Parameter(torch.full((cfg.num_layers, 2), 1.1))
+            self.parallel_post_lambdas = nn.Parameter(torch.ones(cfg.num_layers, 2, 2))
+        self.fa3 = fa3
         self.looping = False  # depth recurrence switches on during training (Config.enable_looping_at)
         self._init_weights()
 
@@ -583,20 +718,35 @@ class GPT(nn.Module):
         cfg = self.cfg
         enc, dec = layer_schedule(cfg.num_layers, cfg.loop_start, cfg.loop_end, cfg.num_loops, self.looping)
         cos, sin = rope_tables(ids.size(1), cfg.rope_dims, cfg.rope_base, ids.device)
-        x = rms_norm(self.tok_emb(ids))
-        x0, skips = x, []
+        docs = doc_mask(ids, self.fa3, cfg.doc_isolation)
+        x = self.tok_emb(ids)
+        if cfg.smear_gate_enabled:
+            x = smear(x, ids, self.smear_gate, self.smear_lambda)
+        x = rms_norm(x)
+        x0, skips, lane1 = x, [], None
+
+        def block(i: int, x: Tensor, lane1: Tensor | None) -> tuple[Tensor, Tensor | None]:
+            if lane1 is not None:
+                lambdas = self.parallel_resid_lambdas[i], self.parallel_post_lambdas[i]
+                return self.blocks[i](x, x0, cos, sin, docs, lane1, lambdas)
+            return self.blocks[i](x, x0, cos, sin, docs)
+
         for i in enc:
-            x = self.blocks[i](x, x0, cos, sin)
+            if lane1 is None and cfg.parallel_lanes == 2 and self.blocks[i].parallel:
+                lane1 = x  # both lanes start as the stream entering the first two-lane layer
+            x, lane1 = block(i, x, lane1)
             skips.append(x)
         for j, i in enumerate(dec):
-            if j < self.num_skips and skips:
+            if lane1 is None and cfg.parallel_lanes == 2 and self.blocks[i].parallel:
+                lane1 = x  # before this layer's skip: the skip joins lane 0 only (as record N)
+            if j < self.num_skips and skips:  # the U-Net skip joins lane 0
                 s = self.skip_weights[j].to(x.dtype) * skips.pop()
                 if self.skip_gates is None:
                     x = x + s
                 else:  # sigmoid skip gates: lerp(s, x, g); init 0 -> 50/50
                     x = torch.lerp(s, x, torch.sigmoid(self.skip_gates[j]).to(x.dtype))
-            x = self.blocks[i](x, x0, cos, sin)
-        return rms_norm(x)
+            x, lane1 = block(i, x, lane1)
+        return rms_norm(x if lane1 is None else 0.5 * (x + lane1))
 
     def forward_logits(self, ids: Tensor) -> Tensor:
         logits = F.linear(self.forward_hidden(ids), self.tok_emb.weight)
@@ -630,19 +780,28 @@ def param_roles(model: GPT) -> dict[str, str]:
 # OPTIMIZERS: MuonEq-R for block matrices (rank-sharded), AdamW for the embedding and scalars
 # -----------------------------------------------------------------------------
 
-NS_COEFFS = (3.4445, -4.7750, 2.0315)  # classic quintic Newton-Schulz coefficients (Keller Jordan's Muon)
+NS_COEFFS = {  # (a, b, c) of each Newton-Schulz step; the last triple repeats past the table's end
+    "quintic": ((3.4445, -4.7750, 2.0315),),  # Keller Jordan's Muon: every step the same
+    "polar": ((8.156554524902461, -22.48329292557795, 15.878769915207462),  # Polar Express (PR #1344, #1787)
+              (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+              (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+              (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+              (2.3465413258596377, -1.7097828382687081, 0.42323551169305323)),
+}
 
 
-def zeropower_via_newtonschulz5(G: Tensor, steps: int, dtype: torch.dtype = torch.float32) -> Tensor:
-    """Approximately orthogonalize G: returns about U S' V^T with S'_ii ~ Uniform(0.5, 1.5) rather than exactly 1,
-    which is what the quintic coefficients trade for speed. Runs in `dtype` (bf16 on GPU, fp32 on CPU)."""
-    a, b, c = NS_COEFFS
+def zeropower_via_newtonschulz5(G: Tensor, steps: int, dtype: torch.dtype = torch.float32,
+                                coeffs: tuple[tuple[float, float, float], ...] = NS_COEFFS["quintic"]) -> Tensor:
+    """Approximately orthogonalize G: about U S' V^T with S'_ii near 1 rather than exactly 1, which is what a few
+    fixed-coefficient steps trade for speed (the Polar Express table gets closer in 5 steps than the quintic). Runs
+    in `dtype` (bf16 on GPU, fp32 on CPU)."""
     X = G.to(dtype)
     X = X / (X.norm() + 1e-7)
     transposed = X.size(0) > X.size(1)
     if transposed:
         X = X.T
-    for _ in range(steps):
+    for i in range(steps):
+        a, b, c = coeffs[min(i, len(coeffs) - 1)]
         A = X @ X.T
         X = a * X + (b * A + c * (A @ A)) @ X
     return X.T if transposed else X
@@ -707,8 +866,9 @@ class Optimizers:
         roles, named = param_roles(model), dict(model.named_parameters())
         by_role = {r: [named[n] for n, role in roles.items() if role == r] for r in ("muon", "embed", "scalar")}
         betas, fused = (cfg.beta1, cfg.beta2), named["tok_emb.weight"].device.type in ("cuda", "cpu")
+        coeffs = NS_COEFFS[cfg.muon_ns]
         self.muon = Muon(by_role["muon"], cfg.matrix_lr, cfg.muon_momentum, cfg.muon_backend_steps, cfg.muon_wd,
-                         cfg.muon_row_normalize, rank, world_size, ns_dtype, ns)
+                         cfg.muon_row_normalize, rank, world_size, ns_dtype, lambda g, k, dt: ns(g, k, dt, coeffs))
         self.embed = torch.optim.AdamW(by_role["embed"], lr=cfg.tied_embed_lr, betas=betas, eps=cfg.adam_eps,
                                        weight_decay=cfg.embed_wd, fused=fused)
         self.scalar = torch.optim.AdamW(by_role["scalar"], lr=cfg.scalar_lr, betas=betas, eps=cfg.adam_eps,
@@ -970,16 +1130,31 @@ class Runtime:
         return contextlib.nullcontext()
 
 
-def load_fa3(device: torch.device) -> tuple[Callable | None, str]:
-    """FlashAttention-3's flash_attn_func if `flash_attn_interface` imports and runs a tiny causal GQA call on device,
-    else (None, why). A wheel built for another torch or CUDA fails here, at import or first call, not mid-run."""
+@dataclass(frozen=True)
+class FA3:
+    """FlashAttention-3's two entry points: calling it is flash_attn_func (B, T, H, D); .varlen is
+    flash_attn_varlen_func on flattened rows with cu_seqlens (document isolation)."""
+
+    func: Callable
+    varlen: Callable
+
+    def __call__(self, *args: object, **kwargs: object) -> object:
+        return self.func(*args, **kwargs)
+
+
+def load_fa3(device: torch.device) -> tuple[FA3 | None, str]:
+    """FA3 if `flash_attn_interface` imports and runs a tiny causal GQA call of both entry points on device, else
+    (None, why). A wheel built for another torch or CUDA fails here, at import or first call, not mid-run."""
     try:
-        from flash_attn_interface import flash_attn_func
+        from flash_attn_interface import flash_attn_func, flash_attn_varlen_func
         q = torch.zeros(1, 4, 2, 64, dtype=torch.bfloat16, device=device)
         flash_attn_func(q, q[:, :, :1], q[:, :, :1], causal=True)
+        cu = torch.tensor([0, 1, 4], dtype=torch.int32, device=device)
+        flash_attn_varlen_func(q[0], q[0, :, :1], q[0, :, :1], cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=4,
+                               max_seqlen_k=4, causal=True)
     except Exception as e:  # ImportError, OSError/undefined symbol (ABI), RuntimeError (no kernel for this GPU)
         return None, f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
-    return flash_attn_func, "flash_attn_interface ok"
+    return FA3(flash_attn_func, flash_attn_varlen_func), "flash_attn_interface ok"
 
 
 def resolve_attention(mode: str, device: torch.device) -> tuple[Callable | None, str]:

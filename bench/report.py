@@ -1,10 +1,11 @@
-"""Regenerate BENCHMARKS.md: run the three benchmarks with their defaults and write their tables in one file.
+"""Regenerate BENCHMARKS.md: run the four benchmarks with their defaults and write their tables in one file.
 
-Run from the repo root: `python bench/report.py` (about 15 min on 2 quiet cores). Order: bench/eval.py trains the
+Run from the repo root: `python bench/report.py` (about 17 min on 2 quiet cores). Order: bench/eval.py trains the
 cpu_tiny reference run (runs/bench/ref) and times its evals, bench/quant.py benchmarks that run's checkpoint,
-bench/train.py runs its own A/B and compile runs. Each bench's stdout (markdown) is pasted as it is; their progress
-goes to this terminal. BENCHMARKS.md is written atomically, and only if every bench succeeded; lines of a bench's
-output that start with "**" are also collected under "Headlines".
+bench/train.py runs its own A/B and compile runs, bench/features.py times record N's features in one process. Each
+bench's stdout (markdown) is pasted as it is; their progress goes to this terminal. BENCHMARKS.md is written
+atomically, and only if every bench succeeded; lines of a bench's output that start with "**" are also collected under
+"Headlines".
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ def benches() -> list[tuple[str, str, list[str]]]:
          ["-m", "bench.quant", "--checkpoint", f"{REF}/final_model.pt"]),
         ("train", "Training: record stack vs baseline architecture; eager vs torch.compile",
          ["bench/train.py"]),
+        ("features", "Feature cost: CPU train step time of record N's features vs record P's model",
+         ["-m", "bench.features"]),
     ]
 
 
@@ -52,7 +55,7 @@ def run_bench(cmd: list[str]) -> tuple[str, float]:
 
 def render(results: dict[str, tuple[str, list[str], str, float]], started: str, loads: tuple[str, str],
            total_s: float, argv: list[str]) -> str:
-    order = ("quant", "train", "eval")  # the sections' order in the file
+    order = ("quant", "train", "features", "eval")  # the sections' order in the file
     heads = [line for key in order for line in results[key][2].splitlines() if line.startswith("**")]
     cmd = " ".join(["python bench/report.py", *argv])
     doc = ["# Benchmarks", "",

@@ -81,3 +81,24 @@ def test_write_atomic_replaces_the_file(tmp_path) -> None:
     write_atomic(path, "new\n")
     assert path.read_text() == "new\n"
     assert [p.name for p in tmp_path.iterdir()] == ["BENCHMARKS.md"]
+
+
+def test_features_bench_quick_run_times_every_arm(capsys) -> None:
+    import math
+
+    from bench.features import ALL, BASE, FEATURES, main, random_batch
+
+    x, y = random_batch(1024, 3, 64, 4, seed=0)
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    bos = torch.cat((x[:, :1], y), dim=1) == 1  # each row's 65 ids
+    assert bos.sum(dim=1).tolist() == [4, 4, 4]
+    assert main(["--quick"]) == 0
+    out = capsys.readouterr().out
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in out.splitlines() if line.startswith("| ")][2:]
+    assert [r[0] for r in rows] == [BASE, *FEATURES, ALL]
+    assert rows[0][-2:] == ["1", "1"]
+    for r in rows[1:]:
+        for cell in r[-2:]:  # wall / P's, CPU / P's: "median (min–max, n=2)"
+            ratio = float(cell.split()[0])
+            assert math.isfinite(ratio) and ratio > 0, r
+    assert "**CPU train step time / P's model" in out

@@ -255,7 +255,7 @@ def test_noncausal_attention_is_caught(cfg: Config, model: GPT, data, monkeypatc
     """A window that attends to its future (a dropped causal mask) leaks later tokens into earlier scores."""
     tokens, luts = data
 
-    def bidirectional(q: Tensor, k: Tensor, v: Tensor, fa3: object = None) -> Tensor:
+    def bidirectional(q: Tensor, k: Tensor, v: Tensor, fa3: object = None, docs: object = None) -> Tensor:
         return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                               enable_gqa=True).transpose(1, 2)
 

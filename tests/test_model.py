@@ -21,10 +21,10 @@ def tiny_model(seed: int = 0, **overrides: object) -> GPT:
 
 # --- parameter count and roles --------------------------------------------------------------------------------------
 
-def test_default_config_has_record_p_param_count() -> None:
+def test_default_config_has_record_n_param_count() -> None:
     with torch.device("meta"):  # no memory, no init cost
         model = GPT(Config())
-    assert sum(p.numel() for p in model.parameters()) == 35_944_536  # record P's log: model_params:35944536
+    assert sum(p.numel() for p in model.parameters()) == 35_945_671  # record N's log: model_params:35945671
 
 
 def test_param_roles_snapshot() -> None:
@@ -34,7 +34,9 @@ def test_param_roles_snapshot() -> None:
         "mlp.fc.weight": "muon", "mlp.proj.weight": "muon",
         "attn.q_gain": "scalar", "attn_scale": "scalar", "mlp_scale": "scalar", "resid_mix": "scalar",
     }
-    expected = {"tok_emb.weight": "embed", "skip_weights": "scalar", "skip_gates": "scalar"}
+    per_block["attn.attn_gate_w"] = "scalar"
+    expected = {"tok_emb.weight": "embed", "skip_weights": "scalar", "skip_gates": "scalar", "smear_gate": "scalar",
+                "smear_lambda": "scalar", "parallel_resid_lambdas": "scalar", "parallel_post_lambdas": "scalar"}
     expected |= {f"blocks.{i}.{k}": role for i in range(4) for k, role in per_block.items()}
     roles = param_roles(model)
     assert roles == expected
@@ -173,3 +175,162 @@ def test_fullgraph_compile_has_no_graph_breaks() -> None:
     assert all(p.grad is not None for p in model.parameters())
     assert counter.frame_count == 2  # exactly one graph per looping mode, no recompiles
     torch._dynamo.reset()
+
+
+# --- record N's model features: SmearGate, sparse attention gate, two lanes, document isolation ---------------------
+
+def randomized(model: GPT, seed: int = 1, std: float = 0.3) -> GPT:
+    """Every parameter random (zero-init gates and projections would hide the features under test)."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, std)
+    model.looping = True
+    return model.eval()
+
+
+def docs_ids(T: int = 96, bos: tuple[int, ...] = (0, 30, 61), rows: int = 2, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, TINY["vocab_size"], (rows, T), generator=g)
+    ids[:, list(bos)] = train_gpt.BOS_ID
+    return ids
+
+
+def test_smear_gate_is_identity_at_init_and_never_crosses_a_bos() -> None:
+    x, ids = torch.randn(2, 16, 32), docs_ids(16, (0, 7))
+    assert torch.equal(train_gpt.smear(x, ids, torch.zeros(1, 12), torch.zeros(1)), x)
+    y = train_gpt.smear(x, ids, torch.randn(1, 12), torch.ones(1))
+    assert torch.equal(y[:, [0, 7]], x[:, [0, 7]])  # position 0 and the BOS: untouched
+    assert not torch.allclose(y[:, 8], x[:, 8])  # elsewhere the previous token is smeared in
+    # the model: the last token of document 1 changes nothing at document 2's BOS, nor after it
+    model = randomized(tiny_model())
+    ids = docs_ids()
+    other = ids.clone()
+    other[:, 60] = torch.where(ids[:, 60] == 2, 3, 2)
+    diff = (model.forward_logits(ids) - model.forward_logits(other)).abs().amax(-1)
+    assert diff[:, 60].min() > 0 and diff[:, 61:].max() == 0
+
+
+def test_sparse_attention_gate_scales_every_forward() -> None:
+    """At init the gate is sigmoid(0) = 1/2 on every head: the gated model equals the ungated one with its attention
+    output projections halved, in the logits and in the training loss (the gate sits in the one attention path every
+    forward takes); learned gate weights then make it input-dependent."""
+    gated = randomized(tiny_model())
+    plain = tiny_model(sparse_attn_gate_enabled=False)
+    with torch.no_grad():
+        for b in gated.blocks:
+            b.attn.attn_gate_w.zero_()
+    plain.load_state_dict({k: v * 0.5 if k.endswith("attn.proj.weight") else v
+                           for k, v in gated.state_dict().items() if "attn_gate_w" not in k})
+    plain.looping = True
+    ids = docs_ids()
+    torch.testing.assert_close(gated.forward_logits(ids), plain.eval().forward_logits(ids), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gated(ids, ids), plain(ids, ids), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(randomized(tiny_model()).forward_logits(ids), plain.forward_logits(ids), atol=1e-3)
+    assert all(not hasattr(b.attn, "attn_gate_w") for b in plain.blocks)
+
+
+def test_two_lanes_with_tied_lambdas_equal_one_lane() -> None:
+    """With rho = pi = 1, x0 not mixed in and no skip into them, both lanes carry the same stream, and the two-lane block is P's one-lane
+    parallel block; record N's lambdas (rho 1.1) make it a different model."""
+    two = randomized(tiny_model(num_layers=5, xsa_last_n=5))  # two-lane layers 3 and 4
+    one = tiny_model(num_layers=5, xsa_last_n=5, parallel_lanes=1)
+    with torch.no_grad():
+        for b in two.blocks[3:]:
+            b.resid_mix.copy_(torch.stack((torch.ones(TINY["model_dim"]), torch.zeros(TINY["model_dim"]))))
+        two.parallel_resid_lambdas.fill_(1.0)
+        two.parallel_post_lambdas.fill_(1.0)
+        two.skip_gates[2:].fill_(100.0)  # no skip into the two-lane layers (it would join lane 0 only)
+    one.load_state_dict({k: v for k, v in two.state_dict().items() if not k.startswith("parallel_")})
+    one.looping = True
+    ids = docs_ids()
+    torch.testing.assert_close(two.forward_logits(ids), one.eval().forward_logits(ids), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        two.parallel_resid_lambdas.fill_(1.1)
+    assert not torch.allclose(two.forward_logits(ids), one.forward_logits(ids), atol=1e-3)
+    assert two.parallel_resid_lambdas.shape == (5, 2) and two.parallel_post_lambdas.shape == (5, 2, 2)
+    with pytest.raises(ValueError, match="looped layers before"):
+        Config(**{**TINY, "parallel_residual_start": 1})
+
+
+@pytest.mark.parametrize("train_mode", [False, True])
+def test_document_isolation_perturbing_a_document_leaves_the_next_unchanged(train_mode: bool) -> None:
+    model = randomized(tiny_model()).train(train_mode)
+    ids = docs_ids()
+    for k, (lo, hi) in enumerate(((0, 30), (30, 61))):  # perturb every token of document k, BOS included
+        other = ids.clone()
+        other[:, lo:hi] = torch.randint(2, TINY["vocab_size"], (2, hi - lo))
+        diff = (model.forward_logits(ids) - model.forward_logits(other)).abs().amax(-1)
+        assert diff[:, lo:hi].max() > 0 and diff[:, hi:].max() == 0, k
+    plain = randomized(tiny_model(doc_isolation=False))
+    other = ids.clone()
+    other[:, 5] = 3 if ids[0, 5] != 3 else 4
+    assert (plain.forward_logits(ids) - plain.forward_logits(other))[:, 30:].abs().max() > 0  # without: it leaks
+
+
+def test_doc_starts_cap_keeps_rows_apart() -> None:
+    T = 64  # T // 16 = 4 documents per row are isolated; later ones attend to each other, never across rows
+    ids = docs_ids(T, (0, 8, 16, 24, 32, 40), rows=2)
+    starts = train_gpt.doc_starts(ids)
+    assert starts.tolist() == [[0, 8, 16, 24]] * 2
+    mask = train_gpt.doc_mask(ids, None, True).mask[0, 0]
+    assert mask[20].nonzero().flatten().tolist() == list(range(16, 21))
+    assert mask[45].nonzero().flatten().tolist() == list(range(24, 46))
+    single = torch.randint(2, 50, (3, T))
+    causal = torch.ones(T, T, dtype=torch.bool).tril().expand(3, T, T)
+    assert torch.equal(train_gpt.doc_mask(single, None, True).mask[:, 0], causal)
+
+
+def test_sdpa_mask_equals_fa3_varlen_on_the_strict_stand_in() -> None:
+    from tools.cuda_emulation import strict_fa3
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 96, h, 16, generator=g).bfloat16() for h in (4, 2, 2))
+    ids = docs_ids()
+    with strict_fa3() as stand_in:
+        fa3, _ = train_gpt.resolve_attention("fa3", torch.device("cpu"))
+        probes = stand_in.calls["flash_attn_varlen_func"]
+        y_fa3 = train_gpt.attention(q, k, v, fa3, train_gpt.doc_mask(ids, fa3, True))
+        assert stand_in.calls["flash_attn_varlen_func"] == probes + 1
+    y_sdpa = train_gpt.attention(q.float(), k.float(), v.float(), None, train_gpt.doc_mask(ids, None, True))
+    torch.testing.assert_close(y_fa3.float(), y_sdpa, atol=1e-2, rtol=1e-2)  # FA3 hands back bf16
+    assert y_fa3.shape == q.shape
+
+
+def test_polar_express_orthogonalizes_better_than_the_quintic_at_equal_steps() -> None:
+    torch.manual_seed(0)
+    errors = {}
+    for name, coeffs in train_gpt.NS_COEFFS.items():
+        errs = []
+        for _ in range(8):
+            X = train_gpt.zeropower_via_newtonschulz5(torch.randn(64, 160), 5, torch.float32, coeffs)
+            errs.append((X @ X.T - torch.eye(64)).norm() / 8)
+        errors[name] = float(torch.stack(errs).mean())
+    assert errors["polar"] < 0.7 * errors["quintic"], errors  # measured: 0.19 vs 0.35
+    with torch.device("meta"):
+        model = GPT(Config())
+    calls = []
+    opts = train_gpt.Optimizers(model, Config(), ns=lambda g, k, dt, coeffs: calls.append(coeffs) or g)
+    opts.muon.ns(torch.zeros(2, 2), 5, torch.float32)
+    assert calls == [train_gpt.NS_COEFFS["polar"]]  # the default Muon runs Polar Express
+
+
+@pytest.mark.parametrize("name, params", [("record_p", 35_944_536), ("record_n", 35_945_671)])
+def test_record_config_files_reproduce_parameter_counts(name: str, params: int) -> None:
+    from tools.envfile import read_env_file
+    cfg = Config.from_env(read_env_file(train_gpt.Path(__file__).parents[1] / "configs" / f"{name}.env"))
+    with torch.device("meta"):
+        model = GPT(cfg)
+    assert sum(p.numel() for p in model.parameters()) == params  # the records' logs: model_params
+    features = (cfg.smear_gate_enabled, cfg.sparse_attn_gate_enabled, cfg.parallel_lanes, cfg.doc_isolation, cfg.muon_ns)
+    assert features == ((True, True, 2, True, "polar") if name == "record_n" else (False, False, 1, False, "quintic"))
+
+
+def test_lane_one_starts_before_the_first_two_lane_layers_skip() -> None:
+    """Record N: at the first two-lane layer both lanes are the incoming stream, then the U-Net skip joins lane 0 only.
+    (Starting lane 1 after the skip moved N-transplanted logits by up to 6.5.)"""
+    model = randomized(tiny_model())  # decoder [2, 3]; layer 3 is the first two-lane layer and takes a skip
+    seen: dict[str, torch.Tensor] = {}
+    model.blocks[2].register_forward_hook(lambda m, args, out: seen.__setitem__("before", out[0]))
+    model.blocks[3].register_forward_pre_hook(lambda m, args: seen.update(x=args[0], lane1=args[5]))
+    model.forward_logits(docs_ids())
+    assert torch.equal(seen["lane1"], seen["before"]) and not torch.allclose(seen["x"], seen["before"])

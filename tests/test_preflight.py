@@ -29,7 +29,7 @@ def test_emulated_model_is_go_and_catches_defect_2(monkeypatch: pytest.MonkeyPat
     rows = pc.emulated_model(cfg)
     assert [r.ok for r in rows] == [None, True], rows
     monkeypatch.setattr(train_gpt, "rms_norm", lambda x: F.rms_norm(x, (x.size(-1),)))
-    monkeypatch.setattr(train_gpt, "attention", lambda q, k, v, fa3=None: fa3(q, k, v, causal=True))
+    monkeypatch.setattr(train_gpt, "attention", lambda q, k, v, fa3=None, docs=None: fa3(q, k, v, causal=True))
     (bad,) = pc.emulated_model(cfg)
     assert bad.ok is False and "FlashAttention-3 would reject" in bad.detail
 

@@ -125,7 +125,8 @@ CONFIG_FIELDS = {  # adding a knob is a deliberate two-line edit: the field and 
     "max_wallclock_seconds", "min_lr", "mlp_leaky_slope", "mlp_mult", "model_dim", "muon_backend_steps",
     "muon_momentum", "muon_momentum_warmup_start", "muon_momentum_warmup_steps", "muon_row_normalize", "muon_wd",
     "num_heads", "num_kv_heads", "num_layers", "num_loops", "out_dir", "parallel_residual_start", "passthrough_numel",
-    "precision", "qk_gain_init",
+    "precision", "qk_gain_init", "parallel_lanes", "smear_gate_enabled", "sparse_attn_gate_enabled",
+    "sparse_attn_gate_scale", "doc_isolation", "train_loader", "muon_ns",
     "rope_base", "rope_dims", "run_id", "scalar_lr", "seed", "skip_gates_enabled", "sliding_window_enabled",
     "tied_embed_init_std", "tied_embed_lr", "tokenizer_path", "train_batch_tokens", "train_log_every",
     "train_seq_len", "ttt_chunk_tokens", "ttt_enabled", "ttt_epochs", "ttt_lr", "ttt_momentum", "val_batch_tokens",
@@ -219,14 +220,14 @@ def test_muon_momentum_warmup() -> None:
     assert momentum(750) == pytest.approx(0.955)
     assert momentum(1500) == pytest.approx(0.99)
     assert momentum(4000) == pytest.approx(0.99)
-    assert Schedule(Config(muon_momentum_warmup_steps=0)).muon_momentum(0) == 0.99  # no warmup
+    assert Schedule(Config(muon_momentum_warmup_steps=0)).muon_momentum(0) == 0.97  # no warmup: record N's 0.97
 
 
 def test_schedule_as_data() -> None:
-    """Record P's numbers: 600 s - 12 s reserve = 588,000 ms; progress from time; looping from 35% on, never off;
-    TTT LR cosine from 0.005 to 0 over 1,238 chunks; calibration gets what the loop left of the 600 s."""
-    s = Schedule(Config())
-    assert s.cap_ms == 588_000.0
+    """Record P's numbers: 600 s - 12 s reserve = 588,000 ms (record N: 8 s, 592,000 ms); progress from time; looping
+    from 35% on, never off; TTT LR cosine from 0.005 to 0 over 1,238 chunks; calibration gets what the loop left."""
+    s = Schedule(Config(gptq_reserve_seconds=12.0))
+    assert s.cap_ms == 588_000.0 and Schedule(Config()).cap_ms == 592_000.0
     assert s.frac(10, 294_000.0) == 0.5
     assert [s.looping(f) for f in (0.0, 0.3499, 0.35, 0.99)] == [False, False, True, True]
     assert not Schedule(Config(num_loops=0)).looping(0.9)
@@ -496,3 +497,35 @@ def test_wallclock_capped_run(tiny_dataset, tmp_path: Path) -> None:
     assert {k: written[k] for k in nums} == nums
     assert math.isfinite(written["final_val_bpb"]) and 0 < written["final_val_bpb"] < 10
     assert written["final_label"] == "quantized"
+
+
+# Every env name record N's script reads (its Hyperparameters class and the LoRA class body), from the script itself.
+RECORD_N_ENV_NAMES = """DATA_DIR SEED RUN_ID ITERATIONS WARMDOWN_FRAC WARMUP_STEPS TRAIN_BATCH_TOKENS FUSED_CE_ENABLED
+TRAIN_SEQ_LEN TRAIN_LOG_EVERY MAX_WALLCLOCK_SECONDS VAL_BATCH_TOKENS EVAL_SEQ_LEN VAL_LOSS_EVERY VOCAB_SIZE NUM_LAYERS
+XSA_LAST_N MODEL_DIM NUM_KV_HEADS NUM_HEADS MLP_MULT SKIP_GATES_ENABLED TIE_EMBEDDINGS LOGIT_SOFTCAP ROPE_BASE ROPE_DIMS
+ROPE_YARN LN_SCALE QK_GAIN_INIT NUM_LOOPS LOOP_START LOOP_END ENABLE_LOOPING_AT PARALLEL_START_LAYER
+PARALLEL_FINAL_LANE MIN_LR EMBED_LR TIED_EMBED_LR TIED_EMBED_INIT_STD MATRIX_LR SCALAR_LR MUON_MOMENTUM MUON_BACKEND_STEPS
+MUON_MOMENTUM_WARMUP_START MUON_MOMENTUM_WARMUP_STEPS MUON_ROW_NORMALIZE BETA1 BETA2 ADAM_EPS GRAD_CLIP_NORM EVAL_STRIDE
+ADAM_WD MUON_WD EMBED_WD EMA_DECAY TTT_ENABLED TTT_LORA_RANK TTT_LORA_LR TTT_CHUNK_SIZE TTT_EVAL_SEQ_LEN TTT_BATCH_SIZE
+TTT_GRAD_STEPS TTT_WEIGHT_DECAY TTT_BETA1 TTT_BETA2 TTT_K_LORA TTT_MLP_LORA TTT_O_LORA TTT_OPTIMIZER TTT_EVAL_BATCHES
+VAL_DOC_FRACTION COMPRESSOR GPTQ_CALIBRATION_BATCHES GPTQ_RESERVE_SECONDS PHASED_TTT_PREFIX_DOCS PHASED_TTT_NUM_PHASES
+GLOBAL_TTT_LR GLOBAL_TTT_MOMENTUM GLOBAL_TTT_EPOCHS GLOBAL_TTT_CHUNK_TOKENS GLOBAL_TTT_BATCH_SEQS
+GLOBAL_TTT_WARMUP_START_LR GLOBAL_TTT_WARMUP_CHUNKS GLOBAL_TTT_GRAD_CLIP GLOBAL_TTT_RESPECT_DOC_BOUNDARIES MATRIX_BITS
+EMBED_BITS MATRIX_CLIP_SIGMAS EMBED_CLIP_SIGMAS MLP_CLIP_SIGMAS ATTN_CLIP_SIGMAS ATTN_OUT_GATE_ENABLED GATE_WINDOW
+SMEAR_GATE_ENABLED GATED_ATTN_ENABLED GATED_ATTN_QUANT_GATE SPARSE_ATTN_GATE_ENABLED SPARSE_ATTN_GATE_INIT_STD
+SPARSE_ATTN_GATE_SCALE LQER_ENABLED LQER_RANK LQER_TOP_K LQER_FACTOR_BITS LQER_ASYM_ENABLED LQER_ASYM_GROUP
+CASEOPS_ENABLED DATA_PATH TOKENIZER_PATH ARTIFACT_DIR TTT_LORA_ALPHA TTT_WARM_START_A TTT_EVAL_ONLY PREQUANT_ONLY""".split()
+
+
+def test_every_record_n_env_name_maps_to_a_field_or_fails_clearly() -> None:
+    fields = {f.name.upper() for f in dataclasses.fields(Config)}
+    known = fields | set(train_gpt.UPSTREAM_ALIASES) | set(train_gpt.UPSTREAM_FIXED) | set(train_gpt.UPSTREAM_REFUSED)
+    assert sorted(set(RECORD_N_ENV_NAMES) - known) == []
+    cfg = Config.from_env({"PARALLEL_START_LAYER": "9", "SPARSE_ATTN_GATE_SCALE": "0.5", "TIE_EMBEDDINGS": "1",
+                           "PARALLEL_FINAL_LANE": "mean", "FUSED_CE_ENABLED": "0", "SPARSE_ATTN_GATE_INIT_STD": "0.0"})
+    assert (cfg.parallel_residual_start, cfg.sparse_attn_gate_scale) == (9, 0.5)
+    for key, value, match in (("FUSED_CE_ENABLED", "1", "no fused Triton kernel"), ("LQER_ENABLED", "1", "LQER"),
+                              ("PHASED_TTT_NUM_PHASES", "3", "phased LoRA TTT"), ("EMBED_LR", "0.6", "TIED_EMBED_LR"),
+                              ("PARALLEL_FINAL_LANE", "last", "their mean")):
+        with pytest.raises(ValueError, match=f"^{key}={value}: .*{match}"):
+            Config.from_env({key: value})

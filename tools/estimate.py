@@ -39,7 +39,8 @@ def plan(p: planner.Profile, gpus: int, code_bytes: int) -> dict:
     cfg = p.cfg
     accum = train_gpt.grad_accum_steps(cfg, gpus)
     seqs = cfg.train_batch_tokens // (gpus * accum * cfg.train_seq_len)
-    works = {lp: planner._train_work(cfg, seqs, lp, planner.AttentionShape()) for lp in (False, True)}
+    attn = planner.train_attention(p, gpus)
+    works = {lp: planner._train_work(cfg, seqs, lp, attn) for lp in (False, True)}
     return dict(
         profile=p.name, title=p.title, constants=k.__dict__, fitted_on=planner.FITTED_ON,
         params=artifact_size.count_params(cfg), bytes=artifact_size.predict_bytes(cfg, code_bytes),

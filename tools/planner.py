@@ -9,9 +9,9 @@ HBM bytes by family. This module prices them:
                 = max(bytes / (HBM * MEM_EFF), KERNEL_FLOOR)                  for eager optimizer ops
     step time   = sum of kernel times + exposed collectives (ring all-reduce over NVLink, from message sizes)
 
-Two constants (MM_EFF, FUSE) are fitted on record P's training log (step times before and after looping), one
-(HOST_OP) on P's TTT time; everything else is a datasheet or published-benchmark number. Records B and N, and P's
-sliding-window eval, are predictions. docs/planner.md explains every term and the validation.
+Three constants are fitted on record P's seed-42 log only (FUSE on its step time before looping, EVAL_SLOW on its
+sliding-window eval, HOST_OP on its TTT eval); everything else is a datasheet or published-benchmark number. Records
+B and N are predictions. docs/planner.md explains every term and the validation.
 """
 
 from __future__ import annotations
@@ -75,13 +75,15 @@ class Constants:
 # record profiles: the config (through train_gpt.Config) plus what the record's code does differently
 # -----------------------------------------------------------------------------
 
-# Kernel features of record N's code that our trainer does not have yet (issue 14). Each is priced as a factor on
-# the traced work of P's code; docs/planner.md derives each one.
-FEATURES = ("fused_ce", "fused_mlp", "banks", "varlen", "two_lane", "smear", "sparse_gate", "fa2", "no_ema")
-# Config fields the trainer will carry for these features (N's env names, lower-case): when a field exists the
-# planner reads the feature from the config instead of the profile.
-FEATURE_FIELDS = {"fused_ce": "fused_ce_enabled", "smear": "smear_gate_enabled", "sparse_gate": "sparse_attn_gate_enabled",
-                  "two_lane": "parallel_start_layer"}
+# What a record's code does that pgolf's trainer does not (so the traced work of pgolf's code is adjusted):
+#   fused_ce, fused_mlp, banks: record N's fused Triton kernels (softcapped cross-entropy, LeakyReLU^2 MLP) and its
+#     parameter banks with parallel Muon: priced as factors (feature_factors, train_step_cost; docs/planner.md §4);
+#   batch_rows: record N packs a rank's whole micro-batch as one row and cuts documents at BOS and every
+#     TRAIN_SEQ_LEN tokens; pgolf's rows are the sequences, so a row boundary also cuts a document;
+#   fa2, no_ema: the baseline's SDPA (FlashAttention-2) attention and its missing EMA.
+# Everything else (N's two-lane residuals, SmearGate, sparse attention gate, document isolation) is in train_gpt
+# and counted from the traced code.
+FEATURES = ("fused_ce", "fused_mlp", "banks", "batch_rows", "fa2", "no_ema")
 
 
 @dataclass(frozen=True)
@@ -105,45 +107,52 @@ class Profile:
     logged: Logged | None = None
     phased: dict[str, int] = field(default_factory=dict)  # N's phased TTT settings
 
+    def __post_init__(self) -> None:
+        unknown = sorted(self.features - set(FEATURES))
+        if unknown:
+            raise ValueError(f"profile {self.name}: unknown code features {unknown}; known: {', '.join(FEATURES)}")
+
     def has(self, feature: str) -> bool:
-        f = FEATURE_FIELDS.get(feature)
-        if f and hasattr(self.cfg, f) and feature != "two_lane":
-            return bool(getattr(self.cfg, f))
         return feature in self.features
 
 
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+P_ENV_FILE, N_ENV_FILE = CONFIGS / "record_p.env", CONFIGS / "record_n.env"
+
+
+def _record_config(path: Path) -> train_gpt.Config:
+    return train_gpt.Config.from_env(read_env_file(path))
+
+
 def record_p() -> Profile:
-    """Record P (PR #1493): the trainer's defaults."""
-    cfg = dataclasses.replace(train_gpt.Config(), gptq_reserve_seconds=12.0, max_wallclock_seconds=600.0)
+    """Record P (PR #1493): configs/record_p.env through Config.from_env; pgolf's code is P's."""
+    cfg = _record_config(P_ENV_FILE)
     return Profile("P", "record P (PR #1493, 1.0810)", cfg, frozenset(), 40_540_160, "sliding_ttt",
                    Logged((4550, 4557, 4555), 102.0, 151.0, {"sliding": (121.0, 93.8), "ttt": (366.5, 368.1, 318.0)}))
 
 
 def record_b() -> Profile:
     """The organizers' naive baseline: 9L x 512d, MLP 2x relu^2, vocab 1024, seq 1024, 524,288 tokens/step, additive
-    U-Net skips, full RoPE, no XSA/looping/EMA, SDPA (FlashAttention-2) attention, 600 s with no GPTQ reserve."""
+    U-Net skips, full RoPE, no XSA/looping/EMA, SDPA (FlashAttention-2) attention, 600 s with no GPTQ reserve, and
+    none of record N's features (one residual lane, no SmearGate, no attention gate, no document isolation)."""
     cfg = dataclasses.replace(
         train_gpt.Config(), vocab_size=1024, num_layers=9, mlp_mult=2.0, mlp_leaky_slope=0.0, num_loops=0,
-        xsa_last_n=0, rope_dims=64, parallel_residual_start=9, skip_gates_enabled=False, ln_scale=False,
-        qk_gain_init=1.5, train_batch_tokens=524_288, train_seq_len=1024, eval_seq_len=1024,
-        gptq_reserve_seconds=0.0, max_wallclock_seconds=600.0, sliding_window_enabled=False, ttt_enabled=False)
+        xsa_last_n=0, rope_dims=64, parallel_residual_start=9, parallel_lanes=1, smear_gate_enabled=False,
+        sparse_attn_gate_enabled=False, doc_isolation=False, train_loader="shuffled", muon_ns="quintic",
+        skip_gates_enabled=False, ln_scale=False, qk_gain_init=1.5, train_batch_tokens=524_288, train_seq_len=1024,
+        eval_seq_len=1024, gptq_reserve_seconds=0.0, max_wallclock_seconds=600.0, sliding_window_enabled=False,
+        ttt_enabled=False)
     return Profile("B", "naive baseline (1.2244)", cfg, frozenset({"fa2", "no_ema"}), 63_779_840, "none",
                    Logged((13780,), 43.54, None))
 
 
-N_ENV_FILE = Path(__file__).resolve().parent.parent / "configs" / "record_n.env"
-
-
 def record_n() -> Profile:
-    """Record N1 (PR #1855, 1.0611). Its model is P's skeleton plus N's kernels and features; until the trainer has
-    them (configs/record_n.env), P's model code runs with N's shape settings and the features are priced as
-    factors. N stops at 599.5 s (GPTQ reserve 0.5 s) and evaluates only the phased TTT on CaseOps tokens."""
-    if N_ENV_FILE.exists():
-        cfg = train_gpt.Config.from_env(read_env_file(N_ENV_FILE))
-    else:
-        cfg = dataclasses.replace(train_gpt.Config(), parallel_residual_start=8, qk_gain_init=5.0, embed_bits=7,
-                                  gptq_reserve_seconds=0.5, max_wallclock_seconds=600.0, sliding_window_enabled=False)
-    feats = frozenset({"fused_ce", "fused_mlp", "banks", "varlen", "two_lane", "smear", "sparse_gate"})
+    """Record N1 (PR #1855, 1.0611): configs/record_n.env through Config.from_env (pgolf's trainer has N's model
+    features), plus what N's code does that pgolf's does not (FEATURES). The logged seeds stop at 599.5 s
+    (GPTQ_RESERVE_SECONDS=0.5 in their logs; the env file keeps 8 s for Hessians inside the budget) and evaluate
+    only the phased TTT on CaseOps tokens."""
+    cfg = dataclasses.replace(_record_config(N_ENV_FILE), gptq_reserve_seconds=0.5)
+    feats = frozenset({"fused_ce", "fused_mlp", "banks", "batch_rows"})
     return Profile("N", "record N (PR #1855, 1.0611)", cfg, feats, 47_851_520, "phased_ttt",
                    Logged((4945, 4932, 4917), 96.0, 141.0, {"phased_ttt": (508.8, 455.1, 470.0)}),
                    dict(batch=64, chunk=48, seq=2048, lora_rank=80, prefix_docs=2500, phases=3, global_chunk=32_768))
@@ -153,9 +162,15 @@ def profiles() -> dict[str, Profile]:
     return {p.name: p for p in (record_b(), record_p(), record_n())}
 
 
+# val tokens of the datasets a config can point at (the eval's length); others are taken as SP8192's
+VAL_TOKENS = {"fineweb10B_sp8192": 40_540_160, "fineweb10B_sp8192_lossless_caps_caseops_v1_reserved": 47_851_520}
+
+
 def custom_profile(cfg: train_gpt.Config) -> Profile:
-    """A config to plan (env vars through Config.from_env): P's code, P's eval."""
-    return Profile("config", "this config", cfg, frozenset(), 40_540_160, "sliding_ttt" if cfg.ttt_enabled or
+    """A config to plan (env vars through Config.from_env): pgolf's trainer as it is (every model feature traced, no
+    factors), its eval (sliding windows and score-first TTT)."""
+    val = VAL_TOKENS.get(cfg.dataset_dir.name, VAL_TOKENS["fineweb10B_sp8192"])
+    return Profile("config", "this config", cfg, frozenset(), val, "sliding_ttt" if cfg.ttt_enabled or
                    cfg.sliding_window_enabled else "none")
 
 
@@ -191,19 +206,36 @@ def doc_lengths(total_tokens: int = DOC_LENGTH_TOKENS, docs: int = VAL_DOCS) -> 
     return np.maximum(2.0, lengths * (total_tokens + docs) / lengths.sum())
 
 
-def varlen_attention(seq_len: int, total_tokens: int = DOC_LENGTH_TOKENS) -> AttentionShape:
-    """Document-isolated attention over the val document lengths, segments of at most seq_len. The kernel's
-    throughput is the time-weighted (harmonic) mean of the FlashAttention-3 table over the segments, expressed as
-    the one length that runs at that throughput."""
-    lengths = doc_lengths(total_tokens)
-    pairs, _ = wc.segment_pairs(lengths, seq_len)
-    full, rest = np.floor(lengths / seq_len), np.mod(lengths, seq_len)
-    segs = np.concatenate([np.full(int(full.sum()), float(seq_len)), rest[rest > 0]])
-    seg_pairs = segs * (segs + 1) / 2
-    tput = seg_pairs.sum() / (seg_pairs / np.array([fa_flops_s("fa3", int(s), False) for s in segs])).sum()
-    logs = [math.log2(s) for s in FA_SEQ]
+@lru_cache(maxsize=16)
+def doc_attention(row_tokens: int, max_len: int, total_tokens: int = DOC_LENGTH_TOKENS) -> AttentionShape:
+    """Document-isolated attention over the FineWeb document lengths (doc_lengths; training documents are taken to
+    follow the val documents' distribution), packed in rows of row_tokens and cut every max_len tokens. The
+    kernel's throughput is the time-weighted (harmonic) mean of the FlashAttention-3 table over the segments,
+    expressed as the one length that runs at that throughput."""
+    segs = wc.packed_segments(doc_lengths(total_tokens), row_tokens, max_len)
+    lens, counts = np.unique(segs, return_counts=True)
+    seg_pairs = counts * lens * (lens + 1) / 2.0
+    tput = seg_pairs.sum() / (seg_pairs / np.array([fa_flops_s("fa3", int(n), False) for n in lens])).sum()
+    logs = [math.log2(n) for n in FA_SEQ]
     equiv = 2 ** float(np.interp(tput / 1e12, FA_TFLOPS[("fa3", False)], logs))
-    return AttentionShape(pairs_per_token=pairs, segment_len=int(round(equiv)))
+    return AttentionShape(pairs_per_token=wc.pairs_per_token(segs), segment_len=int(round(equiv)))
+
+
+def train_attention(p: Profile, world_size: int = 8) -> AttentionShape:
+    """The document shape of a train step's document-isolated attention calls (dense when DOC_ISOLATION=0): rows of
+    TRAIN_SEQ_LEN (pgolf), or one row per rank's micro-batch cut every TRAIN_SEQ_LEN tokens (record N's code)."""
+    cfg = p.cfg
+    if not cfg.doc_isolation:
+        return AttentionShape()
+    rows = cfg.train_seq_len
+    if p.has("batch_rows"):
+        rows = cfg.train_batch_tokens // (world_size * train_gpt.grad_accum_steps(cfg, world_size))
+    return doc_attention(rows, cfg.train_seq_len)
+
+
+def eval_attention(cfg: train_gpt.Config) -> AttentionShape:
+    """The document shape of eval windows of EVAL_SEQ_LEN tokens (dense when DOC_ISOLATION=0)."""
+    return doc_attention(cfg.eval_seq_len, cfg.eval_seq_len) if cfg.doc_isolation else AttentionShape()
 
 
 # -----------------------------------------------------------------------------
@@ -245,26 +277,15 @@ def layer_passes(cfg: train_gpt.Config, looping: bool) -> int:
 
 
 def feature_factors(p: Profile, work: Work, tokens: int, looping: bool) -> Work:
-    """Record N's kernel features applied to P's traced work (docs/planner.md derives each term). Bytes added to
-    the 'other' family are eager-equivalent (they are fused like the rest)."""
+    """Record N's fused kernels applied to the traced work of pgolf's code (docs/planner.md derives each term)."""
     cfg, ops = p.cfg, list(work.ops)
-    act = 2.0 * tokens * cfg.model_dim  # one bf16 activation tensor
-    passes = layer_passes(cfg, looping)
     # fused_ce: neutral. The Triton kernel reads the bf16 logits once forward and once backward and writes their
     # gradient; torch.compile's fused softcap + cross-entropy chain moves the same bytes (record N's code says it
     # measured the kernel "at-worst neutral"), so the traced logits work stands.
     if p.has("fused_mlp"):  # the activation moves into the GEMM epilogues: its kernels disappear; the up-projection
         ops = [o for o in ops if o.family != "mlp_act"]  # also writes `pre`, the down-projection's dX reads it back
         extra = 2 * 2.0 * tokens * cfg.mlp_mult * cfg.model_dim
-        ops += [wc.Op("streaming", 0.0, extra, eager_bytes=extra)] * passes
-    if p.has("two_lane"):  # two residual lanes from PARALLEL_START_LAYER: each parallel pass updates both lanes
-        lanes = sum(1 for i in sum(train_gpt.layer_schedule(cfg.num_layers, cfg.loop_start, cfg.loop_end,
-                                                            cfg.num_loops, looping), []) if i >= cfg.parallel_residual_start)
-        ops += [wc.Op("other", 0.0, 6 * act, eager_bytes=6 * act)] * lanes
-    if p.has("sparse_gate"):  # per-head sigmoid gate on the attention output: read, scale, write (and backward)
-        ops += [wc.Op("other", 0.0, 5 * act, eager_bytes=5 * act)] * passes
-    if p.has("smear"):  # previous-token smear of the embeddings, once per step
-        ops.append(wc.Op("other", 0.0, 5 * act, eager_bytes=5 * act))
+        ops += [wc.Op("streaming", 0.0, extra, eager_bytes=extra)] * layer_passes(cfg, looping)
     return Work(ops, work.flop_counter_total)
 
 
@@ -289,8 +310,7 @@ def train_step_cost(p: Profile, k: Constants, looping: bool, world_size: int = 8
     accum = train_gpt.grad_accum_steps(cfg, world_size)
     seqs = cfg.train_batch_tokens // (world_size * accum * cfg.train_seq_len)
     tokens = seqs * cfg.train_seq_len
-    attn = varlen_attention(cfg.train_seq_len) if p.has("varlen") else AttentionShape()
-    work = feature_factors(p, _train_work(cfg, seqs, looping, attn), tokens, looping)
+    work = feature_factors(p, _train_work(cfg, seqs, looping, train_attention(p, world_size)), tokens, looping)
     kernel = "fa2" if p.has("fa2") else "fa3"
     fb = work_seconds(work, k, kernel)
     parts = {f"fwd_bwd_{f}": accum * fb[f] for f in wc.FAMILIES if fb[f]}
@@ -346,12 +366,12 @@ def train_plan(p: Profile, k: Constants, world_size: int = 8) -> dict:
 
 @lru_cache(maxsize=8)
 def _score_work(cfg: train_gpt.Config, batch: int) -> Work:
-    return wc.trace_score_batch(cfg, batch)
+    return wc.trace_score_batch(cfg, batch, eval_attention(cfg))
 
 
 @lru_cache(maxsize=8)
 def _adapt_work(cfg: train_gpt.Config, world_size: int) -> Work:
-    return wc.trace_ttt_adapt_step(cfg, 0, world_size)
+    return wc.trace_ttt_adapt_step(cfg, 0, world_size, eval_attention(cfg))
 
 
 EVAL_BATCH_WINDOWS = 32
@@ -418,9 +438,9 @@ def phased_ttt_plan(p: Profile, k: Constants, world_size: int = 8) -> dict:
     cfg, ph = p.cfg, p.phased
     lengths = doc_lengths(p.val_tokens)
     B, C, T = ph["batch"], ph["chunk"], ph["seq"]
-    # the LoRA step at [B, T]: forward + backward without weight gradients (N's fused kernels are training-only)
-    eval_p = dataclasses.replace(p, features=p.features - {"fused_ce", "fused_mlp"})
-    ref = feature_factors(eval_p, _lora_work(cfg, B, T), B * T, True)
+    # the LoRA step at [B, T]: forward + backward without weight gradients (N's fused kernels are training-only),
+    # one document per row: its attention is dense causal over the window
+    ref = _lora_work(cfg, B, T)
     fam = work_seconds(ref, k)
     lora = lora_flops_ratio(cfg, ph["lora_rank"])
     per_tok = (fam["total"] - fam["attention"] + lora * fam["matmul"]) / (B * T)

@@ -128,7 +128,7 @@ def emulated_model(cfg: Config) -> list[Check]:
         model = train_gpt.apply_precision(_fast_model(cfg, fn), "bf16")
         model.looping = cfg.num_loops > 0
         streams: set[torch.dtype] = set()
-        model.blocks[0].register_forward_hook(lambda m, i, o: streams.add(o.dtype))
+        model.blocks[0].register_forward_hook(lambda m, i, o: streams.add(o[0].dtype))
         ids = torch.randint(0, cfg.vocab_size, (1, min(EMULATED_SEQ_LEN, cfg.train_seq_len)))
         try:
             with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -140,7 +140,7 @@ def emulated_model(cfg: Config) -> list[Check]:
     grads_ok = all(p.grad is not None and bool(torch.isfinite(p.grad).all()) for p in model.parameters())
     return [Check("parameters", None, f"{params:,}"),
             Check("emulated CUDA forward", bool(torch.isfinite(loss)) and grads_ok and streams == {torch.bfloat16},
-                  f"bf16 policy, strict FA3 ({fa3.calls['flash_attn_func']} calls), CUDA autocast policy: loss "
+                  f"bf16 policy, strict FA3 ({sum(fa3.calls.values())} calls), CUDA autocast policy: loss "
                   f"{loss.item():.3f}, residual stream {sorted(map(str, streams))}, grads finite: {grads_ok} "
                   f"({time.perf_counter() - t:.0f} s)")]
 

@@ -63,43 +63,47 @@ class Work:
 # -----------------------------------------------------------------------------
 
 
-@torch.library.custom_op("pgolf_planner::flash_attn", mutates_args=())
-def _flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    raise RuntimeError("pgolf_planner::flash_attn exists for meta-device tracing only")
+def _attention_kernel(name: str) -> Callable[..., torch.Tensor]:
+    """An opaque attention op (forward and backward kernels) that exists only to be traced on the meta device."""
+
+    @torch.library.custom_op(f"pgolf_planner::{name}", mutates_args=())
+    def fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError(f"pgolf_planner::{name} exists for meta-device tracing only")
+
+    @fwd.register_fake
+    def _(q, k, v):
+        return torch.empty_like(q)
+
+    @torch.library.custom_op(f"pgolf_planner::{name}_bwd", mutates_args=())
+    def bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+            g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        raise RuntimeError(f"pgolf_planner::{name}_bwd exists for meta-device tracing only")
+
+    @bwd.register_fake
+    def _(q, k, v, o, g):
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+    def setup(ctx, inputs, output):
+        ctx.save_for_backward(*inputs, output)
+
+    def backward(ctx, g):
+        q, k, v, o = ctx.saved_tensors
+        return bwd(q, k, v, o, g)
+
+    fwd.register_autograd(backward, setup_context=setup)
+    return fwd
 
 
-@_flash_attn.register_fake
-def _(q, k, v):
-    return torch.empty_like(q)
-
-
-@torch.library.custom_op("pgolf_planner::flash_attn_bwd", mutates_args=())
-def _flash_attn_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-                    g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    raise RuntimeError("pgolf_planner::flash_attn_bwd exists for meta-device tracing only")
-
-
-@_flash_attn_bwd.register_fake
-def _(q, k, v, o, g):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-
-
-def _attn_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs, output)
-
-
-def _attn_backward(ctx, g):
-    q, k, v, o = ctx.saved_tensors
-    return _flash_attn_bwd(q, k, v, o, g)
-
-
-_flash_attn.register_autograd(_attn_backward, setup_context=_attn_setup)
+# flash_attn: dense causal over each row (flash_attn_func); flash_attn_docs: documents isolated (the varlen call)
+_flash_attn, _flash_attn_docs = _attention_kernel("flash_attn"), _attention_kernel("flash_attn_docs")
 
 
 @dataclass(frozen=True)
 class AttentionShape:
-    """How many (query, key) pairs a causal kernel visits per sequence of length T, and at what segment length.
-    Dense causal: T(T+1)/2 at T. Document-isolated (varlen): the mean over the document-length distribution."""
+    """How many (query, key) pairs a document-isolated causal kernel visits per row of length T, and at what
+    segment length it runs. The document boundaries are data (the BOS positions of the batch), which a meta-device
+    trace does not have, so the planner derives them from a document-length distribution (planner.doc_attention).
+    The default is one document per row: dense causal, T(T+1)/2 pairs at T."""
 
     pairs_per_token: float | None = None  # None = dense causal over the whole sequence
     segment_len: int | None = None
@@ -167,9 +171,10 @@ class _Recorder(TorchDispatchMode):
         eager = sum(n for _, n in reads) + sum(n for _, n in writes)
         if name.startswith("pgolf_planner.flash_attn"):
             B, T, H, D = args[0].shape
-            fwd = 4.0 * B * H * D * self.attn.pairs(T)
+            shape = self.attn if name.startswith("pgolf_planner.flash_attn_docs") else AttentionShape()
+            fwd = 4.0 * B * H * D * shape.pairs(T)
             bwd = name.endswith("_bwd")
-            op = Op("attention", 2.5 * fwd if bwd else fwd, eager, self.attn.seq(T), bwd)
+            op = Op("attention", 2.5 * fwd if bwd else fwd, eager, shape.seq(T), bwd)
         else:
             packet = func.overloadpacket
             flops = float(flop_registry[packet](*args, **kwargs, out_val=out)) if packet in flop_registry else 0.0
@@ -178,7 +183,8 @@ class _Recorder(TorchDispatchMode):
             elif self.region in ("head", "optimizer"):
                 family = "logits" if self.region == "head" else "optimizer"
             else:
-                family = "mlp_act" if any(t.dim() and t.shape[-1] == self.hidden for t in ins + outs) else "other"
+                family = "mlp_act" if any(t.dim() and t.shape[-1] == self.hidden and t.is_floating_point()
+                                          for t in ins + outs) else "other"
             op = Op(family, flops, eager)
         op.eager_bytes = eager
         self._events.append((op, reads, writes, self.phase))
@@ -235,15 +241,46 @@ class _Recorder(TorchDispatchMode):
         return self.ops
 
 
+def _attention_standin(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fa3: Callable | None = None,
+                       docs: train_gpt.Docs = train_gpt.Docs()) -> torch.Tensor:
+    """train_gpt.attention's signature; one opaque kernel: dense causal, or document-isolated when the forward built
+    document boundaries (doc_mask's cu_seqlens, or its SDPA mask)."""
+    isolated = docs.cu_seqlens is not None or docs.mask is not None
+    return (_flash_attn_docs if isolated else _flash_attn)(q, k, v)
+
+
+def _fa3_standin(*args: object, **kwargs: object) -> torch.Tensor:
+    raise RuntimeError("the planner's FlashAttention-3 stand-in is never called (attention is replaced while tracing)")
+
+
+_fa3_standin.varlen = _fa3_standin  # the varlen entry point train_gpt.attention would call
+
+
 @contextlib.contextmanager
 def _attention_as_kernel() -> Iterator[None]:
     """Route train_gpt's attention through the opaque planner kernel while tracing."""
     real = train_gpt.attention
-    train_gpt.attention = lambda q, k, v, fa3=None: _flash_attn(q, k, v)
+    train_gpt.attention = _attention_standin
     try:
         yield
     finally:
         train_gpt.attention = real
+
+
+class _GlobalOnly:
+    """FlopCounterMode's module tracker reduced to the one 'Global' total the cross-check reads. torch's
+    ModuleTracker registers an autograd hook on every module input that requires grad; a view of a parameter taken
+    under no_grad (train_gpt indexes parallel_resid_lambdas[i] for each Block call, and score_windows runs under
+    no_grad) requires grad but has no grad_fn, and register_multi_grad_hook raises "Expected gradient function to
+    be set". The trainer never runs the tracker; only this cross-check does."""
+
+    parents = frozenset({"Global"})
+
+    def __enter__(self) -> _GlobalOnly:
+        return self
+
+    def __exit__(self, *args: object) -> None:
+        return None
 
 
 def _hidden(cfg: train_gpt.Config) -> int:
@@ -251,10 +288,11 @@ def _hidden(cfg: train_gpt.Config) -> int:
 
 
 def meta_model(cfg: train_gpt.Config, looping: bool, dtype: torch.dtype = torch.bfloat16) -> train_gpt.GPT:
-    """train_gpt.GPT(cfg) on the meta device. bf16 stands in for the trainer's bf16 autocast (autocast does not act
-    on meta tensors): activations, and so their bytes, are bf16 as on the GPU."""
+    """train_gpt.GPT(cfg) on the meta device, built as on 8xH100 (FlashAttention-3: document isolation goes through
+    doc_mask's cu_seqlens, not the CPU path's (B, 1, T, T) SDPA mask). bf16 stands in for the trainer's bf16
+    autocast (autocast does not act on meta tensors): activations, and so their bytes, are bf16 as on the GPU."""
     with torch.device(META):
-        model = train_gpt.GPT(cfg).to(dtype)
+        model = train_gpt.GPT(cfg, fa3=_fa3_standin).to(dtype)
     model.looping = looping and cfg.num_loops > 0
     return model
 
@@ -278,7 +316,9 @@ def trace(fn: Callable[[_Recorder], None], attn: AttentionShape, hidden: int) ->
     from torch.utils.flop_counter import FlopCounterMode
 
     rec = _Recorder(attn, hidden)
-    with _attention_as_kernel(), FlopCounterMode(display=False) as counter, rec:
+    counter = FlopCounterMode(display=False)
+    counter.mod_tracker = _GlobalOnly()
+    with _attention_as_kernel(), counter, rec:
         fn(rec)
     return Work(rec.finish(), float(counter.get_total_flops()))
 
@@ -286,7 +326,7 @@ def trace(fn: Callable[[_Recorder], None], attn: AttentionShape, hidden: int) ->
 def trace_train_step(cfg: train_gpt.Config, batch_seqs: int, looping: bool, attn: AttentionShape = AttentionShape(),
                      weight_grads: bool = True) -> Work:
     """Forward + backward of model(x, y) for `batch_seqs` sequences of TRAIN_SEQ_LEN (one rank's micro-batch).
-    weight_grads=False freezes the weights (gradients flow to the embedding output only): the backward of an
+    attn: the document shape priced for document-isolated attention calls (DOC_ISOLATION=1). weight_grads=False freezes the weights (gradients flow to the embedding output only): the backward of an
     adapter-only TTT step, which needs dX through every layer but no weight gradients."""
     model = meta_model(cfg, looping)
     if not weight_grads:
@@ -324,9 +364,9 @@ def trace_optimizer_step(cfg: train_gpt.Config, rank: int, world_size: int, ema:
     return trace(run, AttentionShape(), _hidden(cfg))
 
 
-def trace_score_batch(cfg: train_gpt.Config, batch_windows: int) -> Work:
+def trace_score_batch(cfg: train_gpt.Config, batch_windows: int, attn: AttentionShape = AttentionShape()) -> Work:
     """One batch of train_gpt.score_windows (sliding-window scoring) with the looped model: forward, fp32
-    cross-entropy per token, masks and byte counts."""
+    cross-entropy per token, masks and byte counts. attn: the document shape of document-isolated windows."""
     model = meta_model(cfg, looping=True).eval()
     L, S = cfg.eval_seq_len, cfg.eval_stride
     n = L + batch_windows * S + 1
@@ -340,10 +380,11 @@ def trace_score_batch(cfg: train_gpt.Config, batch_windows: int) -> Work:
         train_gpt.score_windows(model.forward_logits, tokens, starts, L, S,
                                 train_gpt.EvalContext(luts, batch_windows, META))
 
-    return trace(run, AttentionShape(), _hidden(cfg))
+    return trace(run, attn, _hidden(cfg))
 
 
-def trace_ttt_adapt_step(cfg: train_gpt.Config, rank: int, world_size: int) -> Work:
+def trace_ttt_adapt_step(cfg: train_gpt.Config, rank: int, world_size: int,
+                         attn: AttentionShape = AttentionShape()) -> Work:
     """One epoch of train_gpt.adapt_on_chunk on one rank (its share of a chunk's sequences): eager forward +
     backward, per-parameter gradient all-reduce (a no-op here; the planner prices the collectives), clipping, SGD."""
     model = meta_model(cfg, looping=True)
@@ -356,7 +397,7 @@ def trace_ttt_adapt_step(cfg: train_gpt.Config, rank: int, world_size: int) -> W
                                  train_gpt.EvalContext(luts=(), batch_windows=1, device=META, rank=rank,
                                                        world_size=world_size))
 
-    return trace(run, AttentionShape(), _hidden(cfg))
+    return trace(run, attn, _hidden(cfg))
 
 
 def param_groups(cfg: train_gpt.Config) -> dict[str, int]:
@@ -372,15 +413,21 @@ def param_groups(cfg: train_gpt.Config) -> dict[str, int]:
     return out
 
 
-def segment_pairs(lengths: np.ndarray, max_len: int) -> tuple[float, int]:
-    """Document-isolated causal attention over documents of these lengths, cut into segments of at most max_len:
-    (query-key pairs per token, pairs-weighted mean segment length)."""
-    lengths = np.asarray(lengths, dtype=np.float64)
-    full, rest = np.floor(lengths / max_len), np.mod(lengths, max_len)
-    pairs = full * max_len * (max_len + 1) / 2 + rest * (rest + 1) / 2
-    seg_len_weighted = full * max_len * (max_len * (max_len + 1) / 2) + rest * (rest * (rest + 1) / 2)
-    total_pairs = float(pairs.sum())
-    return total_pairs / float(lengths.sum()), int(round(float(seg_len_weighted.sum()) / max(total_pairs, 1.0)))
+def packed_segments(lengths: np.ndarray, row_tokens: int, max_len: int, seed: int = 0) -> np.ndarray:
+    """The segments a document-isolated attention kernel runs over: documents of these lengths (rounded, in a seeded
+    random order) packed into one stream, cut into rows of row_tokens, and every piece cut each max_len tokens."""
+    lens = np.maximum(1, np.rint(np.asarray(lengths, dtype=np.float64))).astype(np.int64)
+    ends = np.cumsum(np.random.default_rng(seed).permutation(lens))
+    cuts = np.union1d(ends, np.arange(row_tokens, ends[-1], row_tokens, dtype=np.int64))
+    pieces = np.diff(cuts, prepend=0)
+    full, rest = pieces // max_len, pieces % max_len
+    return np.concatenate([np.full(int(full.sum()), max_len, dtype=np.int64), rest[rest > 0]])
+
+
+def pairs_per_token(segments: np.ndarray) -> float:
+    """Causal (query, key) pairs per token over these segments: sum s(s+1)/2 over sum s."""
+    s = np.asarray(segments, dtype=np.float64)
+    return float((s * (s + 1) / 2).sum() / s.sum())
 
 
 def ceil_div(a: int, b: int) -> int:
