@@ -71,5 +71,5 @@ def test_cli_on_cpu_at_record_size_is_go() -> None:
     proc = run_cli()
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     out = proc.stdout
-    assert "35,944,536" in out and "emulated CUDA forward" in out and "plan: artifact" in out
+    assert "35,945,671" in out and "emulated CUDA forward" in out and "plan: artifact" in out
     assert out.strip().splitlines()[-1].startswith("preflight: GO (")

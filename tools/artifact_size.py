@@ -92,7 +92,8 @@ def record_p_config() -> train_gpt.Config:
     return dataclasses.replace(train_gpt.Config(), vocab_size=8192, num_layers=11, model_dim=512, num_heads=8,
                                num_kv_heads=4, mlp_mult=4.0, num_loops=2, loop_start=3, loop_end=5,
                                skip_gates_enabled=True, matrix_bits=6, matrix_clip_sigmas=12.85, embed_bits=8,
-                               embed_clip_sigmas=20.0, passthrough_numel=65_536)
+                               embed_clip_sigmas=20.0, passthrough_numel=65_536, parallel_lanes=1,
+                               smear_gate_enabled=False, sparse_attn_gate_enabled=False)
 
 
 def size_calibration() -> dict[str, float]:

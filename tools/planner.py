@@ -539,7 +539,7 @@ def calibrate(step_ms_pre: float, step_ms_post: float, sliding_s: float, ttt_s: 
     return Constants(mm_eff, fuse, host, slow)
 
 
-# calibrate(**P_CALIBRATION), stored so a plan does not re-fit (tests/test_planner.py re-fits and compares).
+# calibrate(**P_CALIBRATION), stored so a plan does not re-fit (tests/test_estimate.py re-fits and compares).
 CALIBRATED = Constants(mm_eff=0.70, fuse=0.25219, host_op_s=1.3808e-05, eval_slow=1.6020)
 
 

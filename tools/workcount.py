@@ -241,8 +241,11 @@ class _Recorder(TorchDispatchMode):
         return self.ops
 
 
+_NO_DOCS = train_gpt.Docs()
+
+
 def _attention_standin(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fa3: Callable | None = None,
-                       docs: train_gpt.Docs = train_gpt.Docs()) -> torch.Tensor:
+                       docs: train_gpt.Docs = _NO_DOCS) -> torch.Tensor:
     """train_gpt.attention's signature; one opaque kernel: dense causal, or document-isolated when the forward built
     document boundaries (doc_mask's cu_seqlens, or its SDPA mask)."""
     isolated = docs.cu_seqlens is not None or docs.mask is not None
@@ -326,7 +329,8 @@ def trace(fn: Callable[[_Recorder], None], attn: AttentionShape, hidden: int) ->
 def trace_train_step(cfg: train_gpt.Config, batch_seqs: int, looping: bool, attn: AttentionShape = AttentionShape(),
                      weight_grads: bool = True) -> Work:
     """Forward + backward of model(x, y) for `batch_seqs` sequences of TRAIN_SEQ_LEN (one rank's micro-batch).
-    attn: the document shape priced for document-isolated attention calls (DOC_ISOLATION=1). weight_grads=False freezes the weights (gradients flow to the embedding output only): the backward of an
+    attn: the document shape priced for document-isolated attention calls (DOC_ISOLATION=1).
+    weight_grads=False freezes the weights (gradients flow to the embedding output only): the backward of an
     adapter-only TTT step, which needs dX through every layer but no weight gradients."""
     model = meta_model(cfg, looping)
     if not weight_grads:
