@@ -14,7 +14,6 @@ import contextlib
 import copy
 import dataclasses
 import difflib
-import glob
 import json
 import math
 import os
@@ -32,7 +31,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-# >>> inline quant (tools/build_record.py replaces this block with the quant/ sources)
+# >>> inline local modules (tools/build_record.py replaces this block with the data/shards.py and quant/ sources)
+from data.shards import ShuffledSequenceLoader, load_data, sha256_file, target_bytes
 from quant import (
     ARTIFACT_CODECS,
     accumulate_hessian,
@@ -44,7 +44,7 @@ from quant import (
     save_artifact,
 )
 
-# <<< inline quant
+# <<< inline local modules
 
 ARTIFACT_LIMIT_BYTES = 16_000_000  # decimal, code + compressed model
 TIME_LIMIT_SECONDS = 600.0  # training, and separately evaluation, on 8xH100 SXM
@@ -323,170 +323,6 @@ class Logger:
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(msg + "\n")
 
-
-
-# -----------------------------------------------------------------------------
-# DATA: token shards, val tokens, byte accounting
-#
-# Shard = 256 little-endian int32 header (magic, version, token count) + uint16 tokens. Every doc is [BOS]+tokens,
-# no EOS. This is the one reader of the format (data/shards.py writes it); data/ and tools/ import it from here.
-# -----------------------------------------------------------------------------
-
-SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_INTS = 20240520, 1, 256
-# A dataset dir: train and val token shards, and for a transformed tokenizer (CaseOps) a byte sidecar per val shard
-# (uint16 per val token: the original UTF-8 bytes that token stands for). "fineweb_val_*" would match the sidecars.
-TRAIN_GLOB, VAL_GLOB, VAL_BYTES_GLOB = "fineweb_train_*.bin", "fineweb_val_[0-9]*.bin", "fineweb_val_bytes_*.bin"
-SHARD_HEADER_BYTES = SHARD_HEADER_INTS * 4
-BOS_ID = 1
-
-
-class ShardError(ValueError):
-    """A token shard that is not in the upstream format; the message names the file and the fault."""
-
-
-def read_shard_header(path: str | Path) -> int:
-    """Validate a shard's header and size; return its token count."""
-    path = Path(path)
-    if not path.is_file():
-        raise ShardError(f"{path}: no such shard file")
-    size = path.stat().st_size
-    if size < SHARD_HEADER_BYTES:
-        raise ShardError(f"{path}: {size} bytes, shorter than the {SHARD_HEADER_BYTES}-byte header")
-    header = np.fromfile(path, dtype="<i4", count=SHARD_HEADER_INTS)
-    if int(header[0]) != SHARD_MAGIC:
-        raise ShardError(f"{path}: bad magic {int(header[0])} (expected {SHARD_MAGIC}); not a token shard")
-    if int(header[1]) != SHARD_VERSION:
-        raise ShardError(f"{path}: unsupported shard version {int(header[1])} (expected {SHARD_VERSION})")
-    n = int(header[2])
-    if n < 0 or size != SHARD_HEADER_BYTES + 2 * n:
-        raise ShardError(f"{path}: header says {n} tokens ({SHARD_HEADER_BYTES + 2 * n} bytes) "
-                         f"but the file has {size} bytes; truncated or corrupt")
-    return n
-
-
-def load_shard(path: str | Path, vocab_size: int | None = None, mmap: bool = False) -> np.ndarray:
-    """The shard's uint16 tokens (validated); with vocab_size, every id must be < vocab_size."""
-    n = read_shard_header(path)
-    if mmap:
-        tokens = np.memmap(path, dtype="<u2", mode="r", offset=SHARD_HEADER_BYTES, shape=(n,))
-    else:
-        tokens = np.fromfile(path, dtype="<u2", count=n, offset=SHARD_HEADER_BYTES)
-    if vocab_size is not None and n and (top := int(tokens.max())) >= vocab_size:
-        raise ShardError(f"{path}: token id {top} >= vocab size {vocab_size}; shards and tokenizer disagree")
-    return tokens
-
-
-def shard_files(pattern: str) -> list[str]:
-    """Sorted shard paths matching a glob; an error naming the pattern and the download command if none."""
-    files = sorted(glob.glob(pattern))
-    if not files:
-        raise FileNotFoundError(f"no shards match {pattern}; download them with `python data/cached_challenge_fineweb.py "
-                                f"--variant sp<VOCAB>` or build the offline set with `python data/builtin_corpus.py`")
-    return files
-
-
-def load_val_tokens(pattern: str, seq_len: int, vocab_size: int | None = None) -> Tensor:
-    """All val shards concatenated, truncated to ((N-1)//seq_len)*seq_len + 1 tokens (upstream rule: the tail
-    partial sequence is dropped from every eval mode). Returns int64 tokens on CPU."""
-    tokens = np.concatenate([load_shard(f, vocab_size) for f in shard_files(pattern)])
-    usable = (tokens.size - 1) // seq_len * seq_len
-    if usable <= 0:
-        raise ValueError(f"val split {pattern} has {tokens.size} tokens, fewer than one sequence of {seq_len}+1")
-    return torch.from_numpy(tokens[: usable + 1].astype(np.int64))
-
-
-def load_val_bytes(dataset_dir: Path, num_tokens: int) -> Tensor | None:
-    """The val byte sidecar, if the dataset has one: shard i pairs with val shard i token for token, and it is cut
-    like the val tokens (num_tokens = the truncated length). None for a plain dataset (bytes come from the LUTs)."""
-    sidecars, shards = sorted(glob.glob(str(dataset_dir / VAL_BYTES_GLOB))), shard_files(str(dataset_dir / VAL_GLOB))
-    if not sidecars:
-        return None
-    if len(sidecars) != len(shards) or any(read_shard_header(a) != read_shard_header(b) for a, b in zip(sidecars, shards)):
-        raise ShardError(f"{dataset_dir}: the byte sidecars do not pair with the val shards token for token")
-    return torch.from_numpy(np.concatenate([load_shard(f) for f in sidecars])[:num_tokens].astype(np.int64))
-
-
-def build_byte_luts(sp, vocab_size: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-token byte tables from a SentencePiece model (docs/data.md): base UTF-8 bytes without a leading '▁',
-    whether the piece has a leading '▁', and whether it is a boundary (control/unknown/unused) token.
-    Byte-fallback pieces count 1 byte. Sized max(sp vocab, vocab_size); ids past the model are boundaries."""
-    if sp.piece_to_id("\u2581") == sp.unk_id():
-        raise ValueError("tokenizer has no standalone '\u2581' piece: spaces would be counted as byte-fallback "
-                         "bytes and bpb would be wrong (upstream issue #897)")
-    n = max(sp.vocab_size(), vocab_size)
-    base = np.zeros(n, dtype=np.int16)
-    leading_space = np.zeros(n, dtype=np.bool_)
-    boundary = np.ones(n, dtype=np.bool_)
-    for i in range(sp.vocab_size()):
-        if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
-            continue
-        boundary[i] = False
-        if sp.is_byte(i):
-            base[i] = 1
-            continue
-        piece = sp.id_to_piece(i)
-        if piece.startswith("\u2581"):
-            leading_space[i] = True
-            piece = piece[1:]
-        base[i] = len(piece.encode("utf-8"))
-    return torch.from_numpy(base), torch.from_numpy(leading_space), torch.from_numpy(boundary)
-
-
-def target_bytes(prev: Tensor, target: Tensor, luts: tuple[Tensor, Tensor, Tensor]) -> Tensor:
-    """UTF-8 bytes each target token accounts for: base bytes + its '▁' unless the previous token is a boundary."""
-    base, leading_space, boundary = luts
-    return base[target].to(torch.int64) + (leading_space[target] & ~boundary[prev]).to(torch.int64)
-
-
-class ShuffledSequenceLoader:
-    """Rank-disjoint shuffled training sequences over all train shards (after record P's loader).
-
-    Each epoch every shard gets a random phase (drawn from SEED, so equal on all ranks) and is cut into windows
-    of seq_len+1 tokens at phase + k*seq_len; rank r owns the windows with k % world_size == r and visits them in
-    an order shuffled by (SEED, epoch, rank); the next window comes from a shard drawn with probability
-    proportional to its remaining windows. Ranks never share a sequence within an epoch. Unlike upstream (seeded
-    by rank only), SEED changes the data order too, so seeds vary data as well as init.
-    """
-
-    def __init__(self, files: list[str], seq_len: int, vocab_size: int, seed: int, rank: int = 0, world_size: int = 1):
-        self.files, self.seq_len, self.vocab_size = files, seq_len, vocab_size
-        self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.sizes = [read_shard_header(f) for f in files]
-        self.tokens: list[np.ndarray | None] = [None] * len(files)  # memmaps, validated on first use
-        self.epoch = 0
-        self._start_epoch()
-
-    def _start_epoch(self) -> None:
-        shared = np.random.default_rng([self.seed, self.epoch])
-        self.rng = np.random.default_rng([self.seed, self.epoch, 1 + self.rank])
-        self.queues, self.cursor = [], []
-        for n in self.sizes:
-            max_phase = min(self.seq_len - 1, n - self.seq_len - 1)
-            phase = int(shared.integers(0, max_phase + 1)) if max_phase > 0 else 0
-            mine = np.arange(self.rank, max(0, (n - 1 - phase) // self.seq_len), self.world_size)
-            self.rng.shuffle(mine)
-            self.queues.append(phase + mine * self.seq_len)
-            self.cursor.append(0)
-        if not sum(len(q) for q in self.queues):
-            raise ValueError(f"train shards hold no full sequence of {self.seq_len}+1 tokens for rank {self.rank}")
-
-    def next_batch(self, batch_seqs: int) -> tuple[Tensor, Tensor]:
-        """(x, y) int64 [batch_seqs, seq_len], y = x shifted by one token."""
-        rows = []
-        for _ in range(batch_seqs):
-            left = np.array([len(q) - c for q, c in zip(self.queues, self.cursor)], dtype=np.float64)
-            if left.sum() == 0:
-                self.epoch += 1
-                self._start_epoch()
-                left = np.array([len(q) for q in self.queues], dtype=np.float64)
-            i = int(self.rng.choice(len(left), p=left / left.sum()))
-            start = int(self.queues[i][self.cursor[i]])
-            self.cursor[i] += 1
-            if self.tokens[i] is None:
-                self.tokens[i] = load_shard(self.files[i], self.vocab_size, mmap=True)
-            rows.append(np.asarray(self.tokens[i][start : start + self.seq_len + 1], dtype=np.int64))
-        buf = torch.from_numpy(np.stack(rows))
-        return buf[:, :-1], buf[:, 1:]
 
 
 # -----------------------------------------------------------------------------
@@ -1313,66 +1149,14 @@ def nvidia_smi() -> str:
         return "nvidia-smi: not available (CPU run)"
 
 
-def sha256_file(path: str | Path) -> str:
-    import hashlib
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def load_tokenizer(path: Path, vocab_size: int):
-    import sentencepiece as spm
-    if not path.is_file():
-        raise FileNotFoundError(f"tokenizer {path} not found; download it with `python data/cached_challenge_fineweb.py "
-                                f"--variant sp{vocab_size}` or build the offline set with `python data/builtin_corpus.py`")
-    sp = spm.SentencePieceProcessor(model_file=str(path))
-    if sp.vocab_size() != vocab_size:
-        raise ValueError(f"tokenizer {path} has vocab {sp.vocab_size()} but VOCAB_SIZE={vocab_size}")
-    return sp
-
-
-@dataclass
-class Data:
-    """What a run reads: byte tables of the tokenizer, train shard paths, the val tokens (truncated as upstream)."""
-
-    luts: tuple[Tensor, Tensor, Tensor]
-    train_files: list[str]
-    val_tokens: Tensor
-    tokenizer_sha256: str
-    val_bytes: Tensor | None = None  # the byte sidecar of a transformed tokenizer (CaseOps); None: the LUTs count
-
-    def eval_context(self, batch_windows: int, **kw: object) -> EvalContext:
-        return EvalContext(self.luts, batch_windows, val_bytes=self.val_bytes, **kw)
-
-    def byte_total(self) -> int:
-        """UTF-8 bytes of every scored target (the bpb denominator of a full eval)."""
-        t = self.val_tokens
-        return int(self.val_bytes[1:].sum() if self.val_bytes is not None else target_bytes(t[:-1], t[1:], self.luts).sum())
-
-
-def load_data(cfg: Config) -> Data:
-    """The one loader of a run's data, shared by the trainer and the tools. The tokenizer is part of the data: if
-    the dataset's manifest.json names a tokenizer hash, a different tokenizer file is an error (its byte tables
-    would make the bpb wrong even with the same vocab size)."""
-    sp = load_tokenizer(cfg.tokenizer_file, cfg.vocab_size)
-    sha = sha256_file(cfg.tokenizer_file)
-    manifest = cfg.dataset_dir / "manifest.json"
-    want = json.loads(manifest.read_text()).get("tokenizer_sha256") if manifest.is_file() else None
-    if want and want != sha:
-        raise ValueError(f"tokenizer {cfg.tokenizer_file} (sha256 {sha[:16]}...) is not the one {manifest} was built "
-                         f"with (sha256 {want[:16]}...); bpb would be counted with the wrong byte tables")
-    val = load_val_tokens(str(cfg.dataset_dir / VAL_GLOB), cfg.eval_seq_len, cfg.vocab_size)
-    return Data(build_byte_luts(sp, cfg.vocab_size), shard_files(str(cfg.dataset_dir / TRAIN_GLOB)), val, sha,
-                load_val_bytes(cfg.dataset_dir, val.numel()))
-
-
 def code_sources() -> dict[str, bytes]:
-    """Every code file this run executes, by repo-relative name: train_gpt.py, plus quant/*.py when quant/ is
-    imported as a package (a repo run). In a packed record quant/ is inlined, so the record file is the only one.
-    Their total is the run's code bytes."""
+    """Every code file this run executes, by repo-relative name: train_gpt.py, plus the local modules it imports
+    when they are imported as modules (a repo run): data/shards.py and quant/*.py with their packages' __init__.py.
+    In a packed record they are inlined, so the record file is the only one. Their total is the run's code bytes."""
     files = {"train_gpt.py": Path(__file__).read_bytes()}
+    if load_data.__module__ == "data.shards":
+        data_dir = Path(sys.modules["data.shards"].__file__).parent
+        files.update({f"data/{name}": (data_dir / name).read_bytes() for name in ("__init__.py", "shards.py")})
     if quantize_state_dict.__module__.startswith("quant."):
         quant_dir = Path(sys.modules["quant"].__file__).parent
         files.update({f"quant/{p.name}": p.read_bytes() for p in sorted(quant_dir.glob("*.py")) if p.name != "__main__.py"})
@@ -1396,14 +1180,14 @@ class Run:
         self.ledger, self.schedule, self.results = Ledger(), Schedule(cfg), {}
         self.compiled = cfg.compile == "1" or (cfg.compile == "auto" and rt.device.type == "cuda")
         self.accum = grad_accum_steps(cfg, rt.world_size)
-        self.data = load_data(cfg)
+        self.data = load_data(cfg.dataset_dir, cfg.tokenizer_file, cfg.vocab_size, cfg.eval_seq_len)
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)
         self.model = apply_precision(GPT(cfg, rt.fa3).to(rt.device), rt.precision)
         self.logits_fn = self.compile(self.model.forward_logits)
         windows = max(1, cfg.val_batch_tokens // (rt.world_size * self.accum * cfg.eval_seq_len))
-        self.ev = self.data.eval_context(windows, device=rt.device, amp=rt.amp, rank=rt.rank, world_size=rt.world_size,
-                                         static_shapes=self.compiled)
+        self.ev = EvalContext(self.data.luts, windows, device=rt.device, val_bytes=self.data.val_bytes, amp=rt.amp,
+                              rank=rt.rank, world_size=rt.world_size, static_shapes=self.compiled)
         self.step, self.train_ms, self.looping_step = 0, 0.0, None
 
     @classmethod

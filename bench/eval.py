@@ -22,6 +22,7 @@ import torch
 
 import train_gpt as tg
 from bench.common import RUNS, md_table, median, progress, run_trainer, spread
+from data.shards import load_data
 
 MODES = ("plain", "sliding", "ttt")
 REF_STEPS = 120  # a step budget, not a time cap: the checkpoint bench/quant.py measures does not depend on machine load
@@ -41,7 +42,7 @@ def run_mode(mode: str, model: tg.GPT, cfg: tg.Config, val: torch.Tensor, luts: 
     """One eval of the quantized model in `mode`; returns val_bpb."""
     L = cfg.eval_seq_len
     windows = max(1, cfg.val_batch_tokens // (tg.grad_accum_steps(cfg, 1) * L))
-    ev = tg.EvalContext(luts, windows, rt.device, rt.amp)
+    ev = tg.EvalContext(luts, windows, rt.device, amp=rt.amp)
     if mode == "ttt":
         return tg.eval_ttt(model, val, cfg, ev)[1]
     stride = L if mode == "plain" else cfg.eval_stride
@@ -132,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     try:
         cfg = tg.Config.from_summary(summary_path)
-        data = tg.load_data(cfg)
+        data = load_data(cfg.dataset_dir, cfg.tokenizer_file, cfg.vocab_size, cfg.eval_seq_len)
         luts, val = data.luts, data.val_tokens
     except (OSError, ValueError, KeyError) as e:
         print(f"bench/eval.py: {e}", file=sys.stderr)

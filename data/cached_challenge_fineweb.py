@@ -20,7 +20,6 @@ The CaseOps variant (record N's lossless-case SP8192 data, docs/data.md) also ha
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import re
@@ -43,7 +42,7 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import get_session
 from tqdm import tqdm
 
-from train_gpt import ShardError, read_shard_header
+from data.shards import ShardError, read_shard_header, sha256_file
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 DEFAULT_PREFIX = "datasets"
@@ -180,14 +179,6 @@ class Item:
     shard: bool
     size: int | None = None  # from the manifest's optional `files` map
     sha256: str | None = None
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def verify(item: Item) -> str | None:

@@ -28,8 +28,8 @@ import numpy as np
 import sentencepiece as spm
 from tqdm import tqdm
 
-import train_gpt
 from data import caseops
+from data.shards import BOS_ID, load_shard, read_shard_header
 
 SIDECAR_GLOB = "fineweb_val_bytes_*.bin"
 VAL_TOKEN_GLOB = "fineweb_val_[0-9]*.bin"  # token shards only: "fineweb_val_*.bin" also matches the sidecars
@@ -140,12 +140,12 @@ def _load_pairs(data_dir: Path, vocab_size: int, result: SidecarAudit) -> tuple[
         if s is None:
             result.problems.append(f"{v.name} has no sidecar {sidecar_name(v.name)}")
             continue
-        n_tok, n_side = train_gpt.read_shard_header(v), train_gpt.read_shard_header(s)
+        n_tok, n_side = read_shard_header(v), read_shard_header(s)
         if n_tok != n_side:
             result.problems.append(f"{s.name} has {n_side:,} entries but {v.name} has {n_tok:,} tokens: not aligned")
             continue
-        tokens.append(train_gpt.load_shard(v, vocab_size))
-        counts.append(train_gpt.load_shard(s))
+        tokens.append(load_shard(v, vocab_size))
+        counts.append(load_shard(s))
     if result.problems:
         return None
     return np.concatenate(tokens).astype(np.int64), np.concatenate(counts).astype(np.int64)
@@ -179,8 +179,8 @@ def audit_sidecar(data_dir: str | Path, sp: spm.SentencePieceProcessor, seq_len:
         return r
     tokens, side = loaded
     r.val_tokens, r.sidecar_bytes = int(tokens.size), int(side.sum())
-    bos = np.flatnonzero(tokens == train_gpt.BOS_ID)
-    if tokens[0] != train_gpt.BOS_ID:
+    bos = np.flatnonzero(tokens == BOS_ID)
+    if tokens[0] != BOS_ID:
         r.problems.append("the val stream does not start with BOS: documents are not delimited (BOS-less shards)")
         return r
     if (nz := bos[side[bos] != 0]).size:

@@ -8,7 +8,7 @@ SentencePiece trainer settings, every doc written as [BOS] + sp.encode(text) wit
 train = the rest, docs packed across shard boundaries, shards named fineweb_{val,train}_%06d.bin. Two deliberate
 differences, both stated in --help: the tokenizer trains on train docs only unless --tokenizer-sees-val, and
 docs longer than SentencePiece's sentence limit are split for training instead of silently dropped.
-Shards are written by data/shards.py (write_shard) and read by train_gpt.py.
+Shards are written and read by data/shards.py (write_shard, load_shard).
 
 --caseops builds a CaseOps dataset (record N's lossless-case tokenizer; docs/data.md): every doc goes through
 data/caseops.encode before the tokenizer (training and export), the four operator characters are user-defined pieces
@@ -34,15 +34,14 @@ import numpy as np
 import sentencepiece as spm
 from tqdm import tqdm
 
-import train_gpt
 from data import caseops, sidecar
-from data.shards import write_shard
+from data.shards import BOS_ID, write_shard
 
 DEFAULT_SHARD_TOKENS = 10**8  # upstream SHARD_SIZE
 # Upstream's SentencePiece trainer settings, exactly (docs/data.md). minloglevel only silences the trainer's log spam.
 SP_TRAINER_SETTINGS: dict[str, object] = dict(
     model_type="bpe", byte_fallback=True, split_digits=True, normalization_rule_name="nmt_nfkc",
-    add_dummy_prefix=False, character_coverage=0.999, pad_id=0, bos_id=train_gpt.BOS_ID, eos_id=2, unk_id=3,
+    add_dummy_prefix=False, character_coverage=0.999, pad_id=0, bos_id=BOS_ID, eos_id=2, unk_id=3,
     hard_vocab_limit=False,
 )
 NUM_META_PIECES = 4 + 256  # pad/bos/eos/unk + one piece per byte (byte_fallback)
@@ -223,7 +222,7 @@ def export_dataset(docs: Iterable[str], sp: spm.SentencePieceProcessor, num_val_
         stale.unlink()
     splits = ("val", "train") + (("val_bytes",) if caseops_mode else ())
     writers = {s: _ShardWriter(out_dir, s, shard_tokens) for s in splits}  # val_bytes: fineweb_val_bytes_%06d.bin
-    bos, zero = np.array([train_gpt.BOS_ID], dtype=np.int64), np.zeros(1, dtype=np.int64)
+    bos, zero = np.array([BOS_ID], dtype=np.int64), np.zeros(1, dtype=np.int64)
     piece_bytes = sidecar.decoded_piece_bytes(sp) if caseops_mode else None
     index, u2581_chars = 0, 0
     batch: list[str] = []
@@ -304,7 +303,7 @@ def build_dataset(docs_path: str | Path, vocab_size: int, num_val_docs: int, out
         "vocab_size_requested": vocab_size,
         "tokenizer": os.path.relpath(model_path.resolve(), out_dir.resolve()),
         "tokenizer_sha256": file_sha256(model_path),
-        "bos_id": train_gpt.BOS_ID,
+        "bos_id": BOS_ID,
         "eos_appended": False,
         "tokenizer_trained_on": "train+val" if tokenizer_sees_val else "train",
         "docs_sha256": file_sha256(docs_path),

@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-import train_gpt
-from data import builtin_corpus, caseops, sidecar, tokenize_docs
+from data import builtin_corpus, caseops, shards, sidecar, tokenize_docs
 from data.caseops import ALLCAPS, CAPNEXT, ESC, SENTINEL, TITLE
 from data.shards import write_shard
 from tools import bpb_audit
@@ -180,7 +179,7 @@ def test_operators_are_whole_pieces_with_fixed_ids(caseops_sp) -> None:
     text = caseops.encode(f"The NASA iPhone {TITLE}{ESC}")
     ids = sp.encode(text)
     assert [i for i in ids if i in range(4, 8)] == [4, 5, 6, 7, 4, 7, 7]  # never split, never byte-fallen-back
-    assert sp.piece_to_id("\u2581") != sp.unk_id()  # train_gpt.build_byte_luts still works on this tokenizer
+    assert sp.piece_to_id("\u2581") != sp.unk_id()  # shards.build_byte_luts still works on this tokenizer
 
 
 def test_caseops_tokenizer_reproduces_the_encoded_text(caseops_sp) -> None:
@@ -239,13 +238,13 @@ def test_caseops_export_layout(caseops_ds, caseops_sp) -> None:
     assert len(vals) == len(sides) == len(val["files"]) == len(val["sidecar_files"]) > 2  # the same split, shard by shard
     for v, s, fv, fs in zip(vals, sides, val["files"], val["sidecar_files"], strict=True):
         assert s.name == sidecar.sidecar_name(v.name) == fs["name"] and v.name == fv["name"]
-        assert train_gpt.read_shard_header(v) == train_gpt.read_shard_header(s) == fv["tokens"] == fs["tokens"]
+        assert shards.read_shard_header(v) == shards.read_shard_header(s) == fv["tokens"] == fs["tokens"]
         assert fs["sha256"] == tokenize_docs.file_sha256(s)
-    tokens = np.concatenate([train_gpt.load_shard(v) for v in vals]).astype(np.int64)
-    counts = np.concatenate([train_gpt.load_shard(s) for s in sides]).astype(np.int64)
+    tokens = np.concatenate([shards.load_shard(v) for v in vals]).astype(np.int64)
+    counts = np.concatenate([shards.load_shard(s) for s in sides]).astype(np.int64)
     expected = np.concatenate([[1] + caseops_sp.encode(caseops.encode(t)) for t in info["val"]])
     np.testing.assert_array_equal(tokens, expected)  # BOS=1 at the start of every doc
-    bos = np.flatnonzero(tokens == train_gpt.BOS_ID)
+    bos = np.flatnonzero(tokens == shards.BOS_ID)
     assert bos.size == len(info["val"]) and not counts[bos].any()
     ops = np.isin(tokens, [4, 5, 6, 7])  # operators 0; the 5 operator characters escaped in the text 3 each
     assert set(counts[ops].tolist()) == {0, 3} and counts[ops].sum() == 3 * 5
@@ -253,8 +252,8 @@ def test_caseops_export_layout(caseops_ds, caseops_sp) -> None:
     assert per_doc.tolist() == [len(t.encode("utf-8")) for t in info["val"]]
     assert val["sidecar_bytes"] == val["bytes"] == int(counts.sum())
     assert val["u2581_chars"] == 3
-    train = np.concatenate([train_gpt.load_shard(ds / f["name"]) for f in m["splits"]["train"]["files"]])
-    assert train[0] == train_gpt.BOS_ID and not list(ds.glob("fineweb_train_bytes_*"))
+    train = np.concatenate([shards.load_shard(ds / f["name"]) for f in m["splits"]["train"]["files"]])
+    assert train[0] == shards.BOS_ID and not list(ds.glob("fineweb_train_bytes_*"))
 
 
 # -----------------------------------------------------------------------------
@@ -273,14 +272,14 @@ def _copy_ds(src: Path, dst: Path) -> Path:
 
 def _sidecar(ds: Path) -> tuple[list[Path], np.ndarray, np.ndarray]:
     files = sidecar.sidecar_files(ds)
-    tokens = np.concatenate([train_gpt.load_shard(v) for v in sidecar.val_token_files(ds)]).astype(np.int64)
-    return files, tokens, np.concatenate([train_gpt.load_shard(f) for f in files]).astype(np.int64)
+    tokens = np.concatenate([shards.load_shard(v) for v in sidecar.val_token_files(ds)]).astype(np.int64)
+    return files, tokens, np.concatenate([shards.load_shard(f) for f in files]).astype(np.int64)
 
 
 def _write_sidecar(files: list[Path], counts: np.ndarray) -> None:
     pos = 0
     for f in files:
-        n = train_gpt.read_shard_header(f)
+        n = shards.read_shard_header(f)
         write_shard(f, counts[pos:pos + n])
         pos += n
 
@@ -315,7 +314,7 @@ def _model(ds: Path) -> str:
 def _corrupt(kind: str, files: list[Path], tokens: np.ndarray, counts: np.ndarray, ds: Path, seq: int) -> str:
     """Apply one defect to a copied dataset; return the text the audit report must show."""
     sp = spm.SentencePieceProcessor(model_file=_model(ds))
-    bos = np.flatnonzero(tokens == train_gpt.BOS_ID)
+    bos = np.flatnonzero(tokens == shards.BOS_ID)
     ordinary = next(i for i in range(bos[1] + 1, tokens.size) if counts[i] == 1 and tokens[i] > 7)
     usable = (tokens.size - 1) // seq * seq
     if kind == "plus_one":
@@ -328,7 +327,7 @@ def _corrupt(kind: str, files: list[Path], tokens: np.ndarray, counts: np.ndarra
     if kind == "moved_across_the_cut":  # every doc sum unchanged: only the scored-range check sees it
         cut = int(bos[np.searchsorted(bos, usable, side="right") - 1])
         i = next(i for i in range(cut + 1, usable + 1) if counts[i] > 0)
-        j = next(j for j in range(usable + 1, tokens.size) if tokens[j] != train_gpt.BOS_ID)
+        j = next(j for j in range(usable + 1, tokens.size) if tokens[j] != shards.BOS_ID)
         counts[i] -= 1
         counts[j] += 1
         return "FAIL: sidecar"
@@ -352,13 +351,13 @@ def _corrupt(kind: str, files: list[Path], tokens: np.ndarray, counts: np.ndarra
         counts[bos[1]] += 1
         return "BOS positions have nonzero sidecar bytes (first at val position"
     if kind == "shifted":  # one entry lost: the sidecar no longer lines up with its shard
-        write_shard(files[0], counts[1:train_gpt.read_shard_header(files[0])])
+        write_shard(files[0], counts[1:shards.read_shard_header(files[0])])
         return "entries but fineweb_val_000000.bin has"
     if kind == "missing_file":
         files[-1].unlink()
         return f"{sidecar.sidecar_name(sidecar.val_token_files(ds)[-1].name)}"
     if kind == "bosless":  # upstream's published bug: CaseOps shards written without BOS
-        keep = tokens != train_gpt.BOS_ID
+        keep = tokens != shards.BOS_ID
         v0 = sidecar.val_token_files(ds)
         for f in v0 + files:
             f.unlink()

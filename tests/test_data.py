@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-import train_gpt
-from data import builtin_corpus, tokenize_docs
+from data import builtin_corpus, shards, tokenize_docs
 from data.shards import write_shard
 from tools import bpb_audit
 
@@ -51,7 +50,7 @@ def small_sp(tmp_path_factory: pytest.TempPathFactory) -> spm.SentencePieceProce
 
 
 # -----------------------------------------------------------------------------
-# shard format (train_gpt's one implementation)
+# shard format (data/shards.py: the one implementation)
 # -----------------------------------------------------------------------------
 
 def test_shard_round_trip(tmp_path: Path) -> None:
@@ -59,10 +58,10 @@ def test_shard_round_trip(tmp_path: Path) -> None:
     tokens[:2] = (0, 65535)
     path = tmp_path / "fineweb_train_000000.bin"
     write_shard(path, tokens)
-    assert path.stat().st_size == train_gpt.SHARD_HEADER_BYTES + 2 * tokens.size
-    assert train_gpt.read_shard_header(path) == tokens.size
-    np.testing.assert_array_equal(train_gpt.load_shard(path), tokens)
-    np.testing.assert_array_equal(train_gpt.load_shard(path, mmap=True), tokens)
+    assert path.stat().st_size == shards.SHARD_HEADER_BYTES + 2 * tokens.size
+    assert shards.read_shard_header(path) == tokens.size
+    np.testing.assert_array_equal(shards.load_shard(path), tokens)
+    np.testing.assert_array_equal(shards.load_shard(path, mmap=True), tokens)
     assert not list(tmp_path.glob("*.tmp"))
 
 
@@ -87,17 +86,17 @@ def test_bad_shard_errors_name_the_file(tmp_path: Path, kind: str, needle: str) 
     path = tmp_path / f"fineweb_val_{kind}.bin"
     write_shard(path, np.arange(100, dtype=np.uint16))
     _corrupt(path, kind)
-    with pytest.raises(train_gpt.ShardError, match=needle) as e:
-        train_gpt.load_shard(path)
+    with pytest.raises(shards.ShardError, match=needle) as e:
+        shards.load_shard(path)
     assert str(path) in str(e.value)
 
 
 def test_token_id_beyond_vocab_names_the_file(tmp_path: Path) -> None:
     path = tmp_path / "fineweb_val_000000.bin"
     write_shard(path, np.array([1, 5, 1024], dtype=np.uint16))
-    train_gpt.load_shard(path, vocab_size=1025)
-    with pytest.raises(train_gpt.ShardError, match="token id 1024 >= vocab size 1024") as e:
-        train_gpt.load_shard(path, vocab_size=1024)
+    shards.load_shard(path, vocab_size=1025)
+    with pytest.raises(shards.ShardError, match="token id 1024 >= vocab size 1024") as e:
+        shards.load_shard(path, vocab_size=1024)
     assert str(path) in str(e.value)
 
 
@@ -157,8 +156,8 @@ def test_export_manifest_matches_files(tmp_path: Path) -> None:
         assert [f["name"] for f in s["files"]] == names
         for f in s["files"]:
             assert f["sha256"] == tokenize_docs.file_sha256(out / f["name"])
-            assert f["tokens"] == train_gpt.read_shard_header(out / f["name"])
-        stream = np.concatenate([train_gpt.load_shard(out / n) for n in names])
+            assert f["tokens"] == shards.read_shard_header(out / f["name"])
+        stream = np.concatenate([shards.load_shard(out / n) for n in names])
         expected = np.concatenate([[1] + sp.encode(t) for t in split_texts])
         np.testing.assert_array_equal(stream, expected)  # [BOS]+ids per doc, no EOS, packed across shards
         assert s["tokens"] == stream.size
@@ -303,7 +302,7 @@ def test_ensure_builtin_dataset_is_idempotent(tmp_path: Path, capsys: pytest.Cap
     shard.write_bytes(shard.read_bytes()[:-2])  # a damaged output is rebuilt, not trusted
     builtin_corpus.ensure_builtin_dataset(tmp_path, vocab_size=300, num_val_docs=4, source="gensim")
     assert "up to date" not in capsys.readouterr().out
-    assert train_gpt.read_shard_header(shard) == m["splits"]["val"]["tokens"]
+    assert shards.read_shard_header(shard) == m["splits"]["val"]["tokens"]
 
 
 def test_auto_source_falls_back_to_pydoc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -339,9 +338,9 @@ def _model_path(sp: spm.SentencePieceProcessor, tmp_path: Path) -> Path:
 
 def test_lut_equals_decoded_bytes(tmp_path: Path, small_sp: spm.SentencePieceProcessor) -> None:
     ds = _val_dataset(tmp_path, small_sp)
-    n = train_gpt.read_shard_header(ds / "fineweb_val_000000.bin")
+    n = shards.read_shard_header(ds / "fineweb_val_000000.bin")
     r = bpb_audit.audit(ds, _model_path(small_sp, tmp_path), seq_len=n - 1)  # n-1: every val token is scored
-    targets = train_gpt.load_shard(ds / "fineweb_val_000000.bin")[1:]
+    targets = shards.load_shard(ds / "fineweb_val_000000.bin")[1:]
     assert sum(small_sp.is_byte(int(t)) for t in targets) >= 20  # byte fallback exercised
     assert any(not small_sp.is_byte(int(t)) and len(small_sp.id_to_piece(int(t)).encode()) >
                len(small_sp.id_to_piece(int(t))) for t in targets)  # a multi-byte (é, ü) piece exercised
@@ -355,7 +354,7 @@ def test_lut_equals_decoded_bytes(tmp_path: Path, small_sp: spm.SentencePiecePro
 
 def test_audit_reconciles_a_cut_byte_fallback_character(tmp_path: Path, small_sp: spm.SentencePieceProcessor) -> None:
     ds = _val_dataset(tmp_path, small_sp)
-    tokens = train_gpt.load_shard(ds / "fineweb_val_000000.bin")
+    tokens = shards.load_shard(ds / "fineweb_val_000000.bin")
     emoji = [small_sp.piece_to_id(f"<0x{b:02X}>") for b in "😀".encode()]
     p = max(i for i in range(tokens.size - 3) if tokens[i:i + 4].tolist() == emoji) + 1
     assert 2 * p > tokens.size - 1  # seq_len p keeps tokens[:p+1]: the emoji cut after 2 of its 4 bytes
@@ -411,7 +410,7 @@ def test_audit_input_errors(tmp_path: Path, small_sp: spm.SentencePieceProcessor
 def test_tiny_dataset_fixture_passes_the_audit(tiny_dataset) -> None:
     r = bpb_audit.audit(tiny_dataset.data_dir, tiny_dataset.tokenizer, seq_len=1024)
     assert r.passed and r.lut_bytes == r.decoded_bytes and 20_000 <= r.scored_tokens <= 40_000
-    assert train_gpt.load_val_tokens(str(tiny_dataset.data_dir / train_gpt.VAL_GLOB), 1024,
+    assert shards.load_val_tokens(str(tiny_dataset.data_dir / shards.VAL_GLOB), 1024,
                                      tiny_dataset.vocab_size).max() < tiny_dataset.vocab_size
     assert r.raw_doc_bytes is not None and r.decoded_bytes_all_val <= r.raw_doc_bytes
 

@@ -27,8 +27,7 @@ from urllib.parse import unquote
 import numpy as np
 import pytest
 
-from data.shards import write_shard
-from train_gpt import read_shard_header
+from data.shards import read_shard_header, write_shard
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "data" / "cached_challenge_fineweb.py"

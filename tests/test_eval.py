@@ -19,6 +19,7 @@ from conftest import TINY_TRAIN
 from torch import Tensor
 
 import train_gpt
+from data import shards
 from data.shards import write_shard
 from quant import encode_artifact, quantize_state_dict, save_artifact
 from tools import legality as cl
@@ -49,9 +50,9 @@ def one_torch_thread():
 @pytest.fixture(scope="module")
 def data(tiny_dataset) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
     """The first N+1 val tokens and the tokenizer's byte LUTs."""
-    val = train_gpt.load_val_tokens(str(tiny_dataset.data_dir / train_gpt.VAL_GLOB), L, tiny_dataset.vocab_size)
-    sp = train_gpt.load_tokenizer(tiny_dataset.tokenizer, tiny_dataset.vocab_size)
-    return val[: N + 1], train_gpt.build_byte_luts(sp, tiny_dataset.vocab_size)
+    val = shards.load_val_tokens(str(tiny_dataset.data_dir / shards.VAL_GLOB), L, tiny_dataset.vocab_size)
+    sp = shards.load_tokenizer(tiny_dataset.tokenizer, tiny_dataset.vocab_size)
+    return val[: N + 1], shards.build_byte_luts(sp, tiny_dataset.vocab_size)
 
 
 def tiny_model(cfg: Config, seed: int = 0) -> GPT:
@@ -120,13 +121,13 @@ def test_byte_sidecar_replaces_the_luts(model: GPT, data) -> None:
 
 def test_val_bytes_must_pair_with_the_val_shards(tmp_path: Path) -> None:
     write_shard(tmp_path / "fineweb_val_000000.bin", np.arange(10, dtype=np.uint16))
-    assert train_gpt.load_val_bytes(tmp_path, 9) is None  # a plain dataset: the LUTs count
+    assert shards.load_val_bytes(tmp_path, 9) is None  # a plain dataset: the LUTs count
     write_shard(tmp_path / "fineweb_val_bytes_000000.bin", np.full(10, 2, dtype=np.uint16))
-    assert train_gpt.load_val_bytes(tmp_path, 9).tolist() == [2] * 9  # cut like the val tokens
-    assert train_gpt.shard_files(str(tmp_path / train_gpt.VAL_GLOB)) == [str(tmp_path / "fineweb_val_000000.bin")]
+    assert shards.load_val_bytes(tmp_path, 9).tolist() == [2] * 9  # cut like the val tokens
+    assert shards.shard_files(str(tmp_path / shards.VAL_GLOB)) == [str(tmp_path / "fineweb_val_000000.bin")]
     write_shard(tmp_path / "fineweb_val_bytes_000000.bin", np.full(11, 2, dtype=np.uint16))
-    with pytest.raises(train_gpt.ShardError, match="do not pair"):
-        train_gpt.load_val_bytes(tmp_path, 9)
+    with pytest.raises(shards.ShardError, match="do not pair"):
+        shards.load_val_bytes(tmp_path, 9)
 
 
 @pytest.mark.parametrize("n", [N, N - 3])  # the second: a stream whose end is not on a stride boundary

@@ -26,7 +26,7 @@ from tools import build_record, check_record, record_build, submit
 from tools.log_parser import parse_log
 from tools.record_build import BuildOptions
 from tools.record_checks import Options, check_folder, train_tolerance
-from tools.record_pack import RecordError, check_equivalent, inline_quant, pack, unpack
+from tools.record_pack import RecordError, check_equivalent, inline_modules, pack, unpack
 from tools.record_runs import Run, hardware
 from tools.record_smoke import SmokeResult, smoke_dataset, smoke_run
 from tools.safe_io import read_log
@@ -142,10 +142,12 @@ def test_build_then_check_end_to_end(record: Path, tiny_runs: list[Path], capsys
 def test_rebuild_is_byte_identical(record: Path) -> None:
     # the logs carry the sources: inlining + packing them again gives the same bytes (determinism)
     sources = parse_log(read_log(record / "train_seed1.log"))["sources"]
-    assert set(sources) == {"train_gpt.py", "quant/__init__.py", "quant/codec.py", "quant/gptq.py", "quant/lqer.py",
-                            "quant/pack.py", "quant/rans.py", "quant/sdclip.py"}
-    readable = inline_quant(sources)
+    assert set(sources) == {"train_gpt.py", "data/__init__.py", "data/shards.py", "quant/__init__.py", "quant/codec.py",
+                            "quant/gptq.py", "quant/lqer.py", "quant/pack.py", "quant/rans.py", "quant/sdclip.py"}
+    readable = inline_modules(sources)
     assert readable == (record / "train_gpt_readable.py").read_text()
+    assert "# ---- data/shards.py" in readable and "class DocumentPackingLoader:" in readable
+    assert not re.search(r"^\s*(from (data|quant)[. ]|import (data|quant)\b)", readable, re.M)
     assert pack(readable) == pack(readable) == (record / "train_gpt.py").read_text()
 
 
@@ -185,10 +187,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-# >>> inline quant (replaced)
+# >>> inline local modules (replaced)
+from data.shards import shard_bytes
 from quant import Codec, scale
 
-# <<< inline quant
+# <<< inline local modules
 
 
 @dataclass(frozen=True)
@@ -199,6 +202,10 @@ class Config:
 def main() -> int:
     """Entry."""
     return scale(Config().bits) + Codec().size() + len(os.sep)
+
+
+def header() -> int:
+    return shard_bytes(0)
 '''
 QUANT = {
     "quant/__init__.py": ('"""Pkg."""\nfrom quant.a import scale\nfrom quant.b import Codec\n\n'
@@ -210,6 +217,13 @@ QUANT = {
     "quant/a.py": ('"""Module a."""\n\nfrom __future__ import annotations\n\nimport os\n\n__all__ = ["scale"]\n\n\n'
                    'def scale(x: int) -> int:\n    """Twice."""\n    return 2 * x\n'),
 }
+DATA = {  # the data package: an __init__ with only a docstring, and a module that uses quant/a.py
+    "data/__init__.py": '"""Data pkg."""\n',
+    "data/shards.py": ('"""Shards."""\n\nfrom __future__ import annotations\n\nimport os\n\nfrom quant.a import scale\n\n'
+                       'HEADER_INTS = 256\n\n\ndef shard_bytes(n: int) -> int:\n    return scale(2 * HEADER_INTS + n)\n'),
+}
+LEGACY_TRAIN = TRAIN.replace("inline local modules", "inline quant").replace("from data.shards import shard_bytes\n", "")
+LEGACY_TRAIN = LEGACY_TRAIN[:LEGACY_TRAIN.index("\n\ndef header()")] + "\n"
 
 
 def load_module(src: str, name: str) -> types.ModuleType:
@@ -223,17 +237,50 @@ def load_module(src: str, name: str) -> types.ModuleType:
 
 
 def test_inline_orders_hoists_and_drops() -> None:
-    readable = inline_quant({"train_gpt.py": TRAIN, **QUANT})
-    assert readable.index("# ---- quant/a.py") < readable.index("# ---- quant/b.py")  # a before b (b imports a)
-    assert "from quant" not in readable and "__all__" not in readable and readable.count("from __future__") == 1
+    readable = inline_modules({"train_gpt.py": TRAIN, **QUANT, **DATA})
+    # dependency order, ties by name: quant/a.py before both of its users
+    at = [readable.index(f"# ---- {name}") for name in ("quant/a.py", "data/shards.py", "quant/b.py")]
+    assert at == sorted(at)
+    assert "# >>> inline local modules: quant/a.py, data/shards.py, quant/b.py (inlined by" in readable
+    assert "from quant" not in readable and "from data." not in readable and "__all__" not in readable
+    assert readable.count("from __future__") == 1 and "Data pkg." not in readable  # an __init__ inlines as nothing
     assert readable.startswith('"""Doc of train."""\n\nfrom __future__ import annotations\n\nimport math\nimport os\n'
-                               'from dataclasses import dataclass, field\n\n# >>> inline quant')
-    assert "# Module b: uses a." in readable  # module docstrings become comments
-    assert load_module(readable, "readable_probe").main() == 12 + 5 + 1
+                               'from dataclasses import dataclass, field\n\n# >>> inline local modules')
+    assert "# Module b: uses a." in readable and "# Shards." in readable  # module docstrings become comments
+    mod = load_module(readable, "readable_probe")
+    assert mod.main() == 12 + 5 + 1 and mod.header() == 1024
+
+
+def test_inline_reads_logs_with_the_legacy_quant_markers() -> None:
+    # runs logged before data/shards.py was a module mark the block `# >>> inline quant`: still inlined, same text
+    readable = inline_modules({"train_gpt.py": LEGACY_TRAIN, **QUANT})
+    assert "# >>> inline quant: quant/a.py, quant/b.py (inlined by tools/build_record.py)" in readable
+    assert "# <<< inline quant\n" in readable and "inline local modules" not in readable
+    assert load_module(readable, "legacy_probe").main() == 18
+
+
+def test_inline_the_repo_sources_without_a_run(tmp_path: Path) -> None:
+    # what a repo run logs (code_sources) inlines into one file that needs neither data/ nor quant/
+    sources = {k: v.decode() for k, v in train_gpt.code_sources().items()}
+    assert {"data/__init__.py", "data/shards.py", "quant/__init__.py", "quant/codec.py"} <= set(sources)
+    assert sources["data/shards.py"] == (Path(train_gpt.__file__).parent / "data/shards.py").read_text()
+    readable = inline_modules(sources)
+    check_equivalent(readable, pack(readable))
+    script = tmp_path / "train_gpt.py"
+    script.write_text(readable)
+    mod = types.ModuleType("repo_probe")
+    mod.__file__ = str(script)
+    sys.modules["repo_probe"] = mod  # dataclasses look their module up
+    try:
+        exec(compile(readable, str(script), "exec"), mod.__dict__)
+    finally:
+        del sys.modules["repo_probe"]
+    assert mod.load_data.__module__ == "repo_probe" and mod.DocumentPackingLoader.__module__ == "repo_probe"
+    assert mod.code_sources() == {"train_gpt.py": script.read_bytes()}  # nothing imported as a module: one file
 
 
 def test_pack_keeps_dataclass_fields_drops_signatures() -> None:
-    readable = inline_quant({"train_gpt.py": TRAIN, **QUANT})
+    readable = inline_modules({"train_gpt.py": TRAIN, **QUANT, **DATA})
     packed = pack(readable)
     check_equivalent(readable, packed)
     mod = load_module(unpack(packed), "packed_probe")
@@ -241,23 +288,45 @@ def test_pack_keeps_dataclass_fields_drops_signatures() -> None:
     assert mod.Config.__dataclass_fields__["bits"].type == "int"
     # a source that reads annotations keeps the signature ones
     reader = TRAIN + "\n\ndef hints() -> dict:\n    import typing\n    return typing.get_type_hints(main)\n"
-    mod = load_module(unpack(pack(inline_quant({"train_gpt.py": reader, **QUANT}))), "reader_probe")
+    mod = load_module(unpack(pack(inline_modules({"train_gpt.py": reader, **QUANT, **DATA}))), "reader_probe")
     assert mod.main.__annotations__ == {"return": "int"} and mod.main() == 18
+
+
+def _edit(name: str, old: str, new: str):
+    def change(s: dict[str, str]) -> dict[str, str]:
+        assert old in s[name], (name, old)
+        return {**s, name: s[name].replace(old, new)}
+    return change
 
 
 @pytest.mark.parametrize("change, match", [
     (lambda s: {**s, "quant/a.py": s["quant/a.py"] + "\n\ndef main():\n    return 0\n"}, "name clash: .*`main`"),
-    (lambda s: {**s, "train_gpt.py": s["train_gpt.py"].replace("Codec, scale", "Codec, scale as sc")}, "aliases"),
-    (lambda s: {**s, "quant/a.py": s["quant/a.py"].replace("import os", "import numpy as os")}, "import clash"),
-    (lambda s: {**s, "quant/a.py": s["quant/a.py"].replace("import os", "from quant.b import Codec")}, "cycle"),
-    (lambda s: {**s, "train_gpt.py": s["train_gpt.py"].replace("# <<< inline quant\n", "")}, "exactly one"),
+    (_edit("train_gpt.py", "Codec, scale", "Codec, scale as sc"), "aliases"),
+    (_edit("quant/a.py", "import os", "import numpy as os"), "import clash"),
+    (_edit("quant/a.py", "import os", "from quant.b import Codec"), "cycle"),
+    (_edit("train_gpt.py", "# <<< inline local modules\n", ""), "exactly one"),
     (lambda s: {k: v for k, v in s.items() if k != "quant/b.py"}, "no inlined quant module defines it"),
-    (lambda s: {**s, "quant/b.py": s["quant/b.py"].replace("import scale", "import scale, nope")},
-     "imports `nope` from quant/a.py, which does not define it"),
+    (_edit("quant/b.py", "import scale", "import scale, nope"), "imports `nope` from quant/a.py, which does not define it"),
+    # the data package is inlined under the same rules
+    (lambda s: {**s, "data/shards.py": s["data/shards.py"] + "\n\ndef scale(x):\n    return x\n"},
+     r"name clash: data/shards.py and quant/a.py both define `scale`"),
+    (_edit("data/shards.py", "import os", "import numpy as os"), "import clash: data/shards.py binds os"),
+    (_edit("data/shards.py", "def shard_bytes", "def shard_size"), "no inlined data.shards module defines it"),
+    (lambda s: {k: v for k, v in s.items() if k != "data/shards.py"}, "`shard_bytes` from data.shards"),
+    (_edit("data/shards.py", "import os", "import train_gpt"), "`import train_gpt` cannot be inlined"),
+    (_edit("data/shards.py", "    return scale(", "    from quant.b import Codec\n    return scale("), "not at top level"),
+    (_edit("data/__init__.py", '"""Data pkg."""\n', '"""Data pkg."""\nX = 1\n'), "data/__init__.py line 2: only re-exports"),
+    (_edit("train_gpt.py", "\ndef header() -> int:", "\nfrom data.shards import HEADER_INTS\n\n\ndef header() -> int:"),
+     "`from data.shards import HEADER_INTS` imports a local module outside the inline block"),
+    (_edit("train_gpt.py", "from quant import Codec, scale\n", "from quant import Codec, scale\nimport data\n"),
+     "only `from <package>"),
+    (_edit("train_gpt.py", "import os\n", "import os\n# >>> inline quant\n"), "both .* markers"),
+    (lambda s: {**s, "tools/x.py": "x = 1\n"}, r"\['tools/x.py'\] are neither train_gpt.py nor modules of data/ or quant/"),
 ])
 def test_inline_errors_are_one_line(change, match: str) -> None:
-    with pytest.raises(RecordError, match=match):
-        inline_quant(change({"train_gpt.py": TRAIN, **QUANT}))
+    with pytest.raises(RecordError, match=match) as e:
+        inline_modules(change({"train_gpt.py": TRAIN, **QUANT, **DATA}))
+    assert "\n" not in str(e.value)
 
 
 # --- build_record: refusals on real runs ----------------------------------------------------------------------------

@@ -4,8 +4,8 @@
     python tools/bpb_audit.py --data-dir data/datasets/builtin_caseops_sp1024 \
         --tokenizer data/tokenizers/builtin_caseops_1024_bpe.model
 
-The trainer's byte count (docs/data.md) comes from per-piece lookup tables (train_gpt.build_byte_luts and
-target_bytes). This tool takes exactly the tokens the trainer scores (train_gpt.load_val_tokens: the tail partial
+The trainer's byte count (docs/data.md) comes from per-piece lookup tables (data/shards.py: build_byte_luts and
+target_bytes). This tool takes exactly the tokens the trainer scores (load_val_tokens: the tail partial
 sequence dropped; targets = tokens[1:], previous = tokens[:-1]), splits them into docs at BOS, decodes each doc
 with sp.decode and counts the bytes of the text. Where the two rules legitimately differ the difference is
 listed as a named reconciliation term with its counts; PASS only if every doc's LUT bytes equal its decoded
@@ -29,8 +29,8 @@ import numpy as np
 import sentencepiece as spm
 import torch
 
-import train_gpt
 from data import caseops, sidecar
+from data.shards import BOS_ID, build_byte_luts, load_shard, load_val_tokens, shard_files, target_bytes
 from data.tokenize_docs import file_sha256
 
 
@@ -74,7 +74,7 @@ class AuditResult:
 
 def _segments(ids: np.ndarray) -> np.ndarray:
     """Start offsets of docs in a token stream: 0 and every BOS."""
-    return np.unique(np.concatenate([[0], np.flatnonzero(ids == train_gpt.BOS_ID)]))
+    return np.unique(np.concatenate([[0], np.flatnonzero(ids == BOS_ID)]))
 
 
 def _utf8_len(texts: list[str]) -> np.ndarray:
@@ -110,9 +110,9 @@ def audit(data_dir: str | Path, tokenizer: str | Path, seq_len: int = 2048, voca
     vocab_size = vocab_size or manifest.get("vocab_size") or sp.vocab_size()
     pattern = str(data_dir / sidecar.VAL_TOKEN_GLOB)
     try:
-        tokens = train_gpt.load_val_tokens(pattern, seq_len, vocab_size).numpy()
-        full = np.concatenate([train_gpt.load_shard(f, vocab_size) for f in train_gpt.shard_files(pattern)])
-        luts = train_gpt.build_byte_luts(sp, vocab_size)
+        tokens = load_val_tokens(pattern, seq_len, vocab_size).numpy()
+        full = np.concatenate([load_shard(f, vocab_size) for f in shard_files(pattern)])
+        luts = build_byte_luts(sp, vocab_size)
     except (FileNotFoundError, ValueError) as e:  # ShardError is a ValueError
         raise AuditError(str(e)) from None
     if sp.vocab_size() < vocab_size and int(full.max()) >= sp.vocab_size():
@@ -120,7 +120,7 @@ def audit(data_dir: str | Path, tokenizer: str | Path, seq_len: int = 2048, voca
 
     # The trainer's count, through the trainer's own functions.
     t = torch.from_numpy(tokens)
-    per_token = train_gpt.target_bytes(t[:-1], t[1:], luts).numpy()
+    per_token = target_bytes(t[:-1], t[1:], luts).numpy()
     targets = tokens[1:]
 
     # The independent count: split the scored targets into docs at BOS, decode each doc, count UTF-8 bytes.
@@ -180,7 +180,7 @@ def audit(data_dir: str | Path, tokenizer: str | Path, seq_len: int = 2048, voca
 
     return AuditResult(
         seq_len=seq_len, vocab_size=vocab_size, val_tokens=int(full.size), scored_tokens=int(targets.size),
-        docs=int(starts.size), last_doc_truncated=bool(full.size > tokens.size and full[tokens.size] != train_gpt.BOS_ID),
+        docs=int(starts.size), last_doc_truncated=bool(full.size > tokens.size and full[tokens.size] != BOS_ID),
         lut_bytes=int(per_token.sum()), decoded_bytes=int(decoded_per_doc.sum()), terms=[lead, bad_runs],
         mismatches=mismatches, decoded_bytes_all_val=decoded_all, raw_doc_bytes=raw)
 

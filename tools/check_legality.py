@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-import train_gpt
+from data.shards import ShardError, load_data
 from tools.legality import (
     CheckError,
     Row,
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         if not cfg.dataset_dir.is_dir():
             raise CheckError(f"{cfg.dataset_dir}: no such dataset dir")
         try:
-            data = train_gpt.load_data(cfg)
+            data = load_data(cfg.dataset_dir, cfg.tokenizer_file, cfg.vocab_size, cfg.eval_seq_len)
         except RuntimeError:  # sentencepiece's parse error
             raise CheckError(f"{cfg.tokenizer_file}: not a SentencePiece model") from None
         luts, val = data.luts, data.val_tokens
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.batch_windows < 1 or args.threads < 1:
             raise CheckError("--batch-windows and --threads must be >= 1")
         load = load_model_fn(args.artifact, cfg)
-    except (CheckError, train_gpt.ShardError, FileNotFoundError, ValueError) as e:
+    except (CheckError, ShardError, FileNotFoundError, ValueError) as e:
         hint = "; the config came from env vars: pass --config run_summary.json" if cfg_source.startswith("env") else ""
         print(f"error: {e}{hint}", file=sys.stderr)
         return 2

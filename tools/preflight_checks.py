@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 import train_gpt
+from data import shards
 from train_gpt import Config
 
 GPUS_EXPECTED = 8
@@ -80,11 +81,11 @@ def resources(paths: list[Path], need_disk_gb: float, required: bool) -> list[Ch
     return rows
 
 
-def data(cfg: Config, required: bool) -> tuple[list[Check], train_gpt.Data | None]:
+def data(cfg: Config, required: bool) -> tuple[list[Check], shards.Data | None]:
     """Every shard's header and size, the tokenizer against VOCAB_SIZE and the dataset manifest's hash."""
     try:
-        loaded = train_gpt.load_data(cfg)
-        tokens = sum(train_gpt.read_shard_header(f) for f in loaded.train_files)
+        loaded = shards.load_data(cfg.dataset_dir, cfg.tokenizer_file, cfg.vocab_size, cfg.eval_seq_len)
+        tokens = sum(shards.read_shard_header(f) for f in loaded.train_files)
     except (OSError, ValueError) as e:
         return [Check("dataset", False if required else None, f"{e}".splitlines()[0])], None
     return [Check("dataset", True, f"{len(loaded.train_files)} train shards verified ({tokens / 1e9:.2f}B tokens), "

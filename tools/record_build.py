@@ -2,10 +2,10 @@
 twin, the logs, the artifacts, submission.json and a generated README.md.
 
 The code comes from the runs' logs (every log starts with the byte-exact frames of the files that ran), never from
-the working tree: all seeds must have run identical code. quant/ is inlined, the result packed (record_pack), the
-packed file scanned statically and then run on a tiny CPU config inside the sandbox (record_smoke; skipped with a
-warning where no sandbox exists: the code is never run unsandboxed). Only then are
-bytes counted and the folder written, atomically (built beside the target, then renamed into place).
+the working tree: all seeds must have run identical code. data/shards.py and quant/ are inlined, the result packed
+(record_pack), the packed file scanned statically and then run on a tiny CPU config inside the sandbox (record_smoke;
+skipped with a warning where no sandbox exists: the code is never run unsandboxed). Only then are bytes counted and
+the folder written, atomically (built beside the target, then renamed into place).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 from tools import sandbox
 from tools.record_docs import readme, submission
 from tools.record_folder import TRACKS
-from tools.record_pack import RecordError, check_equivalent, inline_quant, pack
+from tools.record_pack import RecordError, check_equivalent, inline_modules, pack
 from tools.record_runs import common_sources, config_defaults, config_overrides, hardware, load_run, run_from_dir
 from tools.record_smoke import smoke_run
 from tools.records_index import update_index
@@ -110,7 +110,7 @@ def build(opts: BuildOptions, say=print) -> Path:
     if changed:
         say(f"note: the working tree differs from the logged sources in {', '.join(changed)}; "
             f"the record is built from the logs (the code that ran)")
-    readable = inline_quant(sources)
+    readable = inline_modules(sources)
     packed = pack(readable)
     check_equivalent(readable, packed)
     size, readable_size = len(packed.encode("utf-8")), len(readable.encode("utf-8"))

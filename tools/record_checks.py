@@ -17,7 +17,7 @@ from typing import Any
 from tools.log_lines import submittable
 from tools.log_parser import select_final
 from tools.record_folder import SCRIPT, Folder, FolderError, LogFile, load_folder
-from tools.record_pack import RecordError, inline_quant, normalized_dump
+from tools.record_pack import RecordError, inline_modules, normalized_dump
 from tools.safe_io import MAX_ARTIFACT_BYTES, MAX_JSON_BYTES, MAX_SCRIPT_BYTES, UnsafeFile, read_bytes
 from tools.sandbox import Observation
 from tools.script_scan import ALLOWED_EXECUTABLES, Scan, scan_script
@@ -304,7 +304,7 @@ def check_artifact(seed: str, path: Path, p: dict[str, Any]) -> list[Row]:
 
 @functools.lru_cache(maxsize=4)
 def _inlined_dump(sources: tuple[tuple[str, str], ...]) -> str:
-    return normalized_dump(inline_quant(dict(sources)), "logged")
+    return normalized_dump(inline_modules(dict(sources)), "logged")
 
 
 def check_code_vs_log(seed: str, p: dict[str, Any], f: Folder, scan: Scan) -> list[Row]:

@@ -86,7 +86,8 @@ def included_files_section(files: list[str]) -> str:
     """README's `## Included files` section for the files a folder actually holds (tools/submit.py rewrites it)."""
     what = {
         "train_gpt.py": "the packed script that ran and is counted (lzma + base85 self-extracting)",
-        "train_gpt_readable.py": "the same code, readable (quant/ inlined; AST-equivalent to the packed file)",
+        "train_gpt_readable.py": "the same code, readable (data/shards.py and quant/ inlined; AST-equivalent to the "
+                                 "packed file)",
         "submission.json": "results and metadata, generated from the logs",
         "requirements.txt": "Python packages",
         "README.md": "this file",

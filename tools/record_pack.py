@@ -1,5 +1,6 @@
-"""Inline quant/ into train_gpt.py, pack the result into the self-extracting 2-line script, unpack it again, and
-compare sources modulo docstrings and annotations (docs/records.md "Packing").
+"""Inline the local modules train_gpt.py imports (data/shards.py, quant/) into it, pack the result into the
+self-extracting 2-line script, unpack it again, and compare sources modulo docstrings and annotations
+(docs/records.md "Packing").
 
 The packed form is PR #1394's lineage: AST without docstrings (and without function-signature annotations when nothing
 reads them), ast.unparse, raw LZMA2 + base85 inside `exec(L.decompress(B.b85decode("...")...))`.
@@ -15,9 +16,10 @@ import lzma
 import re
 import sys
 import tokenize
-from pathlib import Path
 
-MARK_BEGIN, MARK_END = "# >>> inline quant", "# <<< inline quant"
+MARKERS = ("# >>> inline local modules", "# <<< inline local modules")
+LEGACY_MARKERS = ("# >>> inline quant", "# <<< inline quant")  # logs of runs from before data/shards.py was a module
+LOCAL_PACKAGES = ("data", "quant")  # repo packages whose modules a run logs and a record inlines
 # The self-extracting wrapper of record P (PR #1394 lineage): raw LZMA2 saves the xz container's ~60 bytes.
 WRAP_HEAD = 'import lzma as L,base64 as B\nexec(L.decompress(B.b85decode("'
 WRAP_TAIL = '"),format=L.FORMAT_RAW,filters=[{"id":L.FILTER_LZMA2}]))\n'
@@ -30,7 +32,7 @@ class RecordError(Exception):
 
 
 # -----------------------------------------------------------------------------------------------------------------
-# inline quant/ into train_gpt.py
+# inline the local modules (data/shards.py, quant/*.py) into train_gpt.py
 # -----------------------------------------------------------------------------------------------------------------
 
 def _is_docstring(node: ast.stmt) -> bool:
@@ -75,14 +77,24 @@ def _top_level_names(stmts: list[ast.stmt], nested: bool = False) -> set[str]:
     return out
 
 
-def _quant_imports(tree: ast.AST) -> list[ast.ImportFrom | ast.Import]:
-    out = []
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] == "quant":
-            out.append(node)
-        elif isinstance(node, ast.Import) and any(a.name.split(".")[0] == "quant" for a in node.names):
-            out.append(node)
-    return out
+def _imported_modules(node: ast.AST) -> list[str]:
+    """Absolute module names an import statement names (`from a.b import c` -> a.b; `import x, y` -> x, y)."""
+    if isinstance(node, ast.ImportFrom) and node.level == 0:
+        return [node.module or ""]
+    if isinstance(node, ast.Import):
+        return [a.name for a in node.names]
+    return []
+
+
+def _imports_of(tree: ast.AST, tops: tuple[str, ...]) -> list[ast.ImportFrom | ast.Import]:
+    """Every import statement (at any depth) of a module whose top-level package is in `tops`."""
+    return [node for node in ast.walk(tree)
+            if any(m.split(".")[0] in tops for m in _imported_modules(node))]
+
+
+def _local_file(module: str) -> str:
+    """`quant.codec` -> `quant/codec.py`: the logged source a local module import refers to."""
+    return module.replace(".", "/") + ".py"
 
 
 def _src_lines(src: str) -> list[str]:
@@ -118,61 +130,94 @@ def format_imports(plain: set[tuple[str, str | None]], froms: dict[str, set[tupl
 
 
 def _module_order(mods: dict[str, ast.Module]) -> list[str]:
-    """quant module names in dependency order (a module after every quant module it imports from); ties by name."""
+    """Local module files in dependency order (a module after every local module it imports from); ties by name.
+    A module may import only `from <package>.<module> import name` of another inlined module, and never train_gpt."""
     deps = {}
-    for name, tree in mods.items():
-        deps[name] = set()
-        for node in _quant_imports(tree):
-            target = node.module.split(".", 1)[1] if isinstance(node, ast.ImportFrom) and "." in node.module else None
+    for fname, tree in mods.items():
+        deps[fname] = set()
+        if bad := _imports_of(tree, ("train_gpt",)):
+            raise RecordError(f"{fname}: `{ast.unparse(bad[0])}` cannot be inlined (train_gpt.py is what it is "
+                              f"inlined into)")
+        for node in _imports_of(tree, LOCAL_PACKAGES):
+            if node not in tree.body:
+                raise RecordError(f"{fname} line {node.lineno}: `{ast.unparse(node)}` is not at top level (an inlined "
+                                  f"module can import another only at top level)")
+            target = _local_file(node.module) if isinstance(node, ast.ImportFrom) and "." in node.module else None
             if target is None or target not in mods:
-                raise RecordError(f"quant/{name}.py: `{ast.unparse(node)}` cannot be inlined (only `from quant.<module> "
-                                  f"import name` of another quant module is supported)")
-            deps[name].add(target)
+                raise RecordError(f"{fname}: `{ast.unparse(node)}` cannot be inlined (only `from <package>.<module> "
+                                  f"import name` of another inlined module is supported)")
+            deps[fname].add(target)
     order: list[str] = []
     while len(order) < len(mods):
         ready = sorted(n for n in mods if n not in order and deps[n] <= set(order))
         if not ready:
-            raise RecordError(f"quant/ modules import each other in a cycle: {sorted(set(mods) - set(order))}")
+            raise RecordError(f"local modules import each other in a cycle: {sorted(set(mods) - set(order))}")
         order.append(ready[0])
     return order
 
 
-def inline_quant(sources: dict[str, str]) -> str:
-    """The readable single-file train_gpt.py: quant/*.py (not __init__) inlined at the marked import block, their
-    imports hoisted and merged into train_gpt.py's import block, `from quant...` lines and `__all__` dropped."""
+def _markers(lines: list[str]) -> tuple[str, str, list[int], list[int]]:
+    """(begin, end, begin lines, end lines) of the inline block; logs of older runs carry LEGACY_MARKERS."""
+    found = [(m, [i for i, line in enumerate(lines) if line.startswith(m[0])],
+              [i for i, line in enumerate(lines) if line.startswith(m[1])]) for m in (MARKERS, LEGACY_MARKERS)]
+    used = [f for f in found if f[1] or f[2]]
+    if len(used) > 1:
+        raise RecordError(f"train_gpt.py must have exactly one inline block; it has both `{MARKERS[0]}` and "
+                          f"`{LEGACY_MARKERS[0]}` markers")
+    (begin, end), begins, ends = used[0] if used else found[0]
+    return begin, end, begins, ends
+
+
+def _check_init(name: str, src: str) -> None:
+    """A package's __init__.py is inlined as nothing: it may only re-export (docstring, imports, __all__)."""
+    for node in _parse(src, name).body:
+        is_all = isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets)
+        if not (_is_docstring(node) or is_all or isinstance(node, ast.ImportFrom)):
+            raise RecordError(f"{name} line {node.lineno}: only re-exports can be inlined")
+
+
+def inline_modules(sources: dict[str, str]) -> str:
+    """The readable single-file train_gpt.py: the logged local modules (data/*.py, quant/*.py; not __init__)
+    inlined at the marked import block in dependency order, their imports hoisted and merged into train_gpt.py's
+    import block, the local-module imports and `__all__` dropped."""
     if "train_gpt.py" not in sources:
         raise RecordError(f"no train_gpt.py among the logged sources ({sorted(sources)})")
     main_src = sources["train_gpt.py"]
-    quant_files = {n: s for n, s in sources.items() if n.startswith("quant/")}
-    others = sorted(set(sources) - set(quant_files) - {"train_gpt.py"})
+    local_files = {n: s for n, s in sources.items()
+                   if n.count("/") == 1 and n.endswith(".py") and n.split("/")[0] in LOCAL_PACKAGES}
+    others = sorted(set(sources) - set(local_files) - {"train_gpt.py"})
     if others:
-        raise RecordError(f"logged sources {others} are neither train_gpt.py nor quant/*.py; cannot inline them")
+        raise RecordError(f"logged sources {others} are neither train_gpt.py nor modules of "
+                          f"{' or '.join(p + '/' for p in LOCAL_PACKAGES)}; cannot inline them")
     lines = _src_lines(main_src)
-    begins = [i for i, line in enumerate(lines) if line.startswith(MARK_BEGIN)]
-    ends = [i for i, line in enumerate(lines) if line.startswith(MARK_END)]
-    if not quant_files:
+    mark_begin, mark_end, begins, ends = _markers(lines)
+    if not local_files:
         if begins or ends:
-            raise RecordError("train_gpt.py has the inline-quant block but the log holds no quant/*.py sources")
+            raise RecordError("train_gpt.py has the inline block but the log holds no local module sources "
+                              f"({', '.join(p + '/' for p in LOCAL_PACKAGES)})")
         return unpack(main_src) if is_packed(main_src) else main_src
     if len(begins) != 1 or len(ends) != 1 or begins[0] > ends[0]:
-        raise RecordError(f"train_gpt.py must have exactly one `{MARK_BEGIN}` ... `{MARK_END}` block "
+        raise RecordError(f"train_gpt.py must have exactly one `{mark_begin}` ... `{mark_end}` block "
                           f"(found {len(begins)} begin and {len(ends)} end markers)")
     b, e = begins[0] + 1, ends[0] + 1  # 1-based line numbers of the markers
     tree = _parse(main_src, "train_gpt.py")
 
-    # the marked block: `from quant import ...` only
-    wanted: set[str] = set()
+    # the marked block: `from <package>[.<module>] import ...` of the local packages only
+    wanted: list[tuple[str, str]] = []  # (name, module it is imported from)
     block = [n for n in tree.body if b < n.lineno < e]
     for node in block:
-        if not (isinstance(node, ast.ImportFrom) and node.module == "quant" and node.level == 0):
-            raise RecordError(f"train_gpt.py line {node.lineno}: only `from quant import ...` may sit in the inline block")
+        if not (isinstance(node, ast.ImportFrom) and node.level == 0 and node.module
+                and node.module.split(".")[0] in LOCAL_PACKAGES):
+            raise RecordError(f"train_gpt.py line {node.lineno}: only `from <package>[.<module>] import ...` of "
+                              f"{', '.join(LOCAL_PACKAGES)} may sit in the inline block")
         for a in node.names:
             if a.asname and a.asname != a.name:
                 raise RecordError(f"train_gpt.py line {node.lineno}: `{a.name} as {a.asname}`: aliases are not inlined")
-            wanted.add(a.name)
-    stray = [n for n in _quant_imports(tree) if not b < n.lineno < e]
+            wanted.append((a.name, node.module))
+    stray = [n for n in _imports_of(tree, LOCAL_PACKAGES) if not b < n.lineno < e]
     if stray:
-        raise RecordError(f"train_gpt.py line {stray[0].lineno}: quant is imported outside the inline block")
+        raise RecordError(f"train_gpt.py line {stray[0].lineno}: `{ast.unparse(stray[0])}` imports a local module "
+                          f"outside the inline block")
 
     # train_gpt.py's own import block: the imports between `from __future__` and the marker
     head = [n for n in tree.body if n.lineno < b and not (isinstance(n, ast.ImportFrom) and n.module == "__future__")]
@@ -180,18 +225,13 @@ def inline_quant(sources: dict[str, str]) -> str:
         head = head[1:]
     if not head or not all(isinstance(n, ast.Import | ast.ImportFrom) for n in head):
         raise RecordError("train_gpt.py: only imports may come between `from __future__ import annotations` and the "
-                          "inline-quant block (the builder merges the quant imports into them)")
+                          "inline block (the builder merges the inlined modules' imports into them)")
     first_import = head[0].lineno
 
-    # quant modules: bodies without docstring, imports, __all__
-    init = quant_files.pop("quant/__init__.py", None)
-    if init is not None:
-        for node in _parse(init, "quant/__init__.py").body:
-            is_all = isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "__all__"
-                                                          for t in node.targets)
-            if not (_is_docstring(node) or is_all or isinstance(node, ast.ImportFrom)):
-                raise RecordError(f"quant/__init__.py line {node.lineno}: only re-exports can be inlined")
-    mods = {Path(n).stem: _parse(s, n) for n, s in quant_files.items()}
+    # local modules: bodies without docstring, imports, __all__
+    for name in sorted(n for n in local_files if n.endswith("/__init__.py")):
+        _check_init(name, local_files.pop(name))
+    mods = {n: _parse(s, n) for n, s in local_files.items()}
     order = _module_order(mods)
     plain: set[tuple[str, str | None]] = set()
     froms: dict[str, set[tuple[str, str | None]]] = {}
@@ -212,12 +252,11 @@ def inline_quant(sources: dict[str, str]) -> str:
     main_rest = [n for n in tree.body if n.lineno > e]
     defined = {name: "train_gpt.py" for name in _top_level_names(main_rest)}
     chunks: list[str] = []
-    needs: list[tuple[str, str, str]] = []  # (name, defining module, importing module) between quant modules
-    for mod in order:
-        fname = f"quant/{mod}.py"
-        src_lines = _src_lines(quant_files[fname])
+    needs: list[tuple[str, str, str]] = []  # (name, defining file, importing file) between local modules
+    for fname in order:
+        src_lines = _src_lines(local_files[fname])
         drop: set[int] = set()
-        body = mods[mod].body
+        body = mods[fname].body
         doc = ""
         kept_nodes = []
         for i, node in enumerate(body):
@@ -227,8 +266,8 @@ def inline_quant(sources: dict[str, str]) -> str:
             if i == 0 and _is_docstring(node):
                 doc = node.value.value
             elif isinstance(node, ast.Import | ast.ImportFrom):
-                if _quant_imports(node):
-                    needs += [(a.name, f"quant/{node.module.split('.', 1)[1]}.py", fname) for a in node.names]
+                if _imports_of(node, LOCAL_PACKAGES):
+                    needs += [(a.name, _local_file(node.module), fname) for a in node.names]
                 elif not (isinstance(node, ast.ImportFrom) and node.module == "__future__"):
                     add_import(node, fname)
             elif not is_all:
@@ -247,15 +286,16 @@ def inline_quant(sources: dict[str, str]) -> str:
     for name, src, user in needs:
         if defined.get(name) != src:
             raise RecordError(f"{user} imports `{name}` from {src}, which does not define it at top level")
-    for name in sorted(wanted):
-        if defined.get(name, "train_gpt.py") == "train_gpt.py":
-            raise RecordError(f"train_gpt.py imports `{name}` from quant but no inlined quant module defines it")
+    for name, module in sorted(set(wanted)):
+        where = defined.get(name, "train_gpt.py")
+        if not (where == _local_file(module) or where.startswith(module + "/")):
+            raise RecordError(f"train_gpt.py imports `{name}` from {module} but no inlined {module} module defines it")
     clash = sorted(set(defined) & set(bound))
     if clash:
         raise RecordError(f"name clash: `{clash[0]}` is both imported and defined at top level ({defined[clash[0]]})")
 
-    inlined = (f"{MARK_BEGIN}: {', '.join(f'quant/{m}.py' for m in order)} (inlined by tools/build_record.py)\n\n"
-               + "\n\n\n".join(chunks) + f"\n\n\n{MARK_END}")
+    inlined = (f"{mark_begin}: {', '.join(order)} (inlined by tools/build_record.py)\n\n"
+               + "\n\n\n".join(chunks) + f"\n\n\n{mark_end}")
     out = lines[:first_import - 1] + [format_imports(plain, froms), "", inlined] + lines[e:]
     text = "\n".join(out) + "\n"
     _parse(text, "train_gpt_readable.py")

@@ -36,21 +36,20 @@ def smoke_dataset(work: Path) -> tuple[Path, Path, int]:
     import numpy as np
     import sentencepiece as spm
 
-    import train_gpt
-    from data.shards import write_shard
+    from data.shards import TRAIN_GLOB, VAL_GLOB, load_shard, write_shard
     builtin, tok = ROOT / "data/datasets/builtin_sp1024", ROOT / "data/tokenizers/builtin_1024_bpe.model"
     out = work / "smoke_data"
     out.mkdir(parents=True)
-    if not (tok.is_file() and list(builtin.glob(train_gpt.VAL_GLOB)) and list(builtin.glob("fineweb_train_*.bin"))):
+    if not (tok.is_file() and list(builtin.glob(VAL_GLOB)) and list(builtin.glob("fineweb_train_*.bin"))):
         from data import builtin_corpus, tokenize_docs
         docs = builtin_corpus.pydoc_docs()
         docs_path = work / "docs.jsonl"
         docs_path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
         tokenize_docs.build_dataset(docs_path, 512, 20, work / "pydoc_sp512", work / "pydoc_512_bpe")
         builtin, tok = work / "pydoc_sp512", work / "pydoc_512_bpe.model"
-    for split, pattern, n in (("train", train_gpt.TRAIN_GLOB, SMOKE_TRAIN_TOKENS),
-                              ("val", train_gpt.VAL_GLOB, SMOKE_VAL_TOKENS)):
-        tokens = np.concatenate([train_gpt.load_shard(p) for p in sorted(builtin.glob(pattern))])
+    for split, pattern, n in (("train", TRAIN_GLOB, SMOKE_TRAIN_TOKENS),
+                              ("val", VAL_GLOB, SMOKE_VAL_TOKENS)):
+        tokens = np.concatenate([load_shard(p) for p in sorted(builtin.glob(pattern))])
         write_shard(out / f"fineweb_{split}_000000.bin", tokens[:n])
     return out, tok, spm.SentencePieceProcessor(model_file=str(tok)).vocab_size()
 
