@@ -48,6 +48,7 @@ def tiny_runs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     """OUT_DIRs of two finished tiny CPU runs from the repo (train_gpt.py + quant/), in-process, one thread."""
     root = tmp_path_factory.mktemp("record_runs")
     data, tok, vocab = smoke_dataset(root)
+    assert tok.parent == data  # the sandbox binds only the smoke work dir: the tokenizer must be inside it
     rt = train_gpt.Runtime()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +48,8 @@ def smoke_dataset(work: Path) -> tuple[Path, Path, int]:
         docs_path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
         tokenize_docs.build_dataset(docs_path, 512, 20, work / "pydoc_sp512", work / "pydoc_512_bpe")
         builtin, tok = work / "pydoc_sp512", work / "pydoc_512_bpe.model"
+    shutil.copy(tok, out / tok.name)  # beside the shards, under `work`: the sandbox sees nothing else of a /tmp checkout
+    tok = out / tok.name
     for split, pattern, n in (("train", TRAIN_GLOB, SMOKE_TRAIN_TOKENS),
                               ("val", VAL_GLOB, SMOKE_VAL_TOKENS)):
         tokens = np.concatenate([load_shard(p) for p in sorted(builtin.glob(pattern))])
