@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 # >>> inline local modules (tools/build_record.py replaces this block with the data/shards.py and quant/ sources)
-from data.shards import ShuffledSequenceLoader, load_data, sha256_file, target_bytes
+from data.shards import BOS_ID, DocumentPackingLoader, ShuffledSequenceLoader, load_data, sha256_file, target_bytes
 from quant import (
     ARTIFACT_CODECS,
     accumulate_hessian,
@@ -1200,10 +1200,11 @@ class Run:
     def compile(self, fn: Callable) -> Callable:
         return torch.compile(fn, dynamic=False, fullgraph=True) if self.compiled else fn
 
-    def make_loader(self) -> ShuffledSequenceLoader:
+    def make_loader(self, kind: str | None = None) -> ShuffledSequenceLoader | DocumentPackingLoader:
+        """The training loader (TRAIN_LOADER); calibration asks for shuffled windows, as record N does."""
         c = self.cfg
-        return ShuffledSequenceLoader(self.data.train_files, c.train_seq_len, c.vocab_size, c.seed, self.rt.rank,
-                                      self.rt.world_size)
+        cls = DocumentPackingLoader if (kind or c.train_loader) == "packed" else ShuffledSequenceLoader
+        return cls(self.data.train_files, c.train_seq_len, c.vocab_size, c.seed, self.rt.rank, self.rt.world_size)
 
     @property
     def micro_seqs(self) -> int:
@@ -1336,7 +1337,7 @@ class Run:
         log("GPTQ:collecting Hessians from calibration data...")
         sync(rt.device)
         t = time.perf_counter()
-        loader = self.make_loader()
+        loader = self.make_loader("shuffled")
 
         def batches() -> Iterator[Tensor]:
             for i in range(cfg.gptq_calibration_batches):

@@ -231,8 +231,8 @@ def test_sparse_attention_gate_scales_every_forward() -> None:
 
 
 def test_two_lanes_with_tied_lambdas_equal_one_lane() -> None:
-    """With rho = pi = 1, x0 not mixed in and no skip into them, both lanes carry the same stream, and the two-lane block is P's one-lane
-    parallel block; record N's lambdas (rho 1.1) make it a different model."""
+    """With rho = pi = 1, x0 not mixed in and no skip into them, both lanes carry the same stream, and the two-lane
+    block is P's one-lane parallel block; record N's lambdas (rho 1.1) make it a different model."""
     two = randomized(tiny_model(num_layers=5, xsa_last_n=5))  # two-lane layers 3 and 4
     one = tiny_model(num_layers=5, xsa_last_n=5, parallel_lanes=1)
     with torch.no_grad():

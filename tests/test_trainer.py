@@ -528,3 +528,17 @@ def test_every_record_n_env_name_maps_to_a_field_or_fails_clearly() -> None:
                               ("PARALLEL_FINAL_LANE", "last", "their mean")):
         with pytest.raises(ValueError, match=f"^{key}={value}: .*{match}"):
             Config.from_env({key: value})
+
+
+def test_train_loader_follows_config_and_calibration_reads_shuffled_windows(tiny_dataset, monkeypatch) -> None:
+    from data.shards import DocumentPackingLoader
+    base = dict(TINY, data_path=str(tiny_dataset.data_dir), tokenizer_path=str(tiny_dataset.tokenizer))
+    packed = train_gpt.Run(Config(**base), train_gpt.Runtime())
+    assert isinstance(packed.make_loader(), DocumentPackingLoader)  # record N's order is the default
+    assert packed.make_loader().next_batch(2)[0][0, 0] == train_gpt.BOS_ID  # it starts at a document
+    shuffled = train_gpt.Run(Config(**base, train_loader="shuffled"), train_gpt.Runtime())
+    assert isinstance(shuffled.make_loader(), ShuffledSequenceLoader)
+    kinds = []
+    monkeypatch.setattr(packed, "make_loader", lambda kind=None: kinds.append(kind) or shuffled.make_loader())
+    packed.calibrate(seconds=60.0)
+    assert kinds == ["shuffled"]
