@@ -171,9 +171,14 @@ class Config:
     # quantization (quant/)
     gptq_calibration_batches: int = 16
     matrix_bits: int = 6
-    matrix_clip_sigmas: float = 12.85
-    embed_bits: int = 8
-    embed_clip_sigmas: float = 20.0
+    attn_clip_sigmas: float = 13.0  # per-role SDClip sigmas (record N): attention and MLP matrices
+    mlp_clip_sigmas: float = 12.0
+    embed_bits: int = 7  # int7 embeddings (record N; P: 8 bits at 20 sigmas)
+    embed_clip_sigmas: float = 15.0
+    lqer_enabled: bool = True  # LQER: rank-4 INT2/INT4 correction of the 3 largest GPTQ residuals (PR #1797)
+    lqer_rank: int = 4
+    lqer_top_k: int = 3
+    lqer_asym_group: int = 64
     compressor: str = "brotli"
     passthrough_numel: int = 65_536  # float tensors with at most this many elements are stored fp16, not quantized
 
@@ -250,9 +255,13 @@ UPSTREAM_FIXED = {  # name: (pgolf's behaviour as that switch's value, why)
     "SPARSE_ATTN_GATE_INIT_STD": ("0", "the sparse attention gate starts at zero"),
     "ATTN_OUT_GATE_ENABLED": ("0", "the attention gates are the sparse gate only (SPARSE_ATTN_GATE_ENABLED)"),
     "GATED_ATTN_ENABLED": ("0", "the attention gates are the sparse gate only (SPARSE_ATTN_GATE_ENABLED)"),
+    "GATED_ATTN_QUANT_GATE": ("0", "it quantizes the dense attention gate, which pgolf does not have"),
+    "LQER_FACTOR_BITS": ("4", "LQER's B factor is INT4 (A is INT2), asymmetric"),
+    "LQER_ASYM_ENABLED": ("1", "LQER's factors are always the asymmetric INT2/INT4 form"),
 }
 UPSTREAM_REFUSED = {
     **dict.fromkeys(("EMBED_LR", "HEAD_LR"), "pgolf ties the embedding; its rate is TIED_EMBED_LR"),
+    "MATRIX_CLIP_SIGMAS": "clip sigmas are per role: ATTN_CLIP_SIGMAS and MLP_CLIP_SIGMAS",
     "CASEOPS_ENABLED": "point DATA_PATH and TOKENIZER_PATH at the CaseOps variant; bytes come from its sidecar",
     **dict.fromkeys(("TTT_LORA_RANK", "TTT_LORA_LR", "TTT_CHUNK_SIZE", "TTT_EVAL_SEQ_LEN", "TTT_BATCH_SIZE",
                      "TTT_GRAD_STEPS", "TTT_WEIGHT_DECAY", "TTT_BETA1", "TTT_BETA2", "TTT_K_LORA", "TTT_MLP_LORA",
@@ -262,9 +271,6 @@ UPSTREAM_REFUSED = {
                      "GLOBAL_TTT_WARMUP_START_LR", "GLOBAL_TTT_WARMUP_CHUNKS", "GLOBAL_TTT_RESPECT_DOC_BOUNDARIES",
                      "VAL_DOC_FRACTION", "TTT_EVAL_ONLY", "PREQUANT_ONLY"),
                     "record N's phased LoRA TTT is not in pgolf yet (its TTT is record P's score-first chunk SGD)"),
-    **dict.fromkeys(("MLP_CLIP_SIGMAS", "ATTN_CLIP_SIGMAS", "LQER_ENABLED", "LQER_RANK", "LQER_TOP_K",
-                     "LQER_FACTOR_BITS", "LQER_ASYM_ENABLED", "LQER_ASYM_GROUP", "GATED_ATTN_QUANT_GATE"),
-                    "record N's per-role clip sigmas and LQER are not in the trainer's config yet"),
 }
 
 
@@ -609,6 +615,16 @@ def param_roles(model: GPT) -> dict[str, str]:
     for name, mod in model.blocks.named_modules():
         if isinstance(mod, nn.Linear):
             roles[f"blocks.{name}.weight"] = "muon"
+    return roles
+
+
+def quant_roles(model: GPT) -> dict[str, str]:
+    """Each matrix's quantization role (quant.ROLES), assigned once and explicitly: the tied embedding, and the
+    attention and MLP matrices of every block (each role has its own bits / clip sigmas)."""
+    roles = {"tok_emb.weight": "embed"}
+    for name, mod in model.blocks.named_modules():
+        if isinstance(mod, nn.Linear):
+            roles[f"blocks.{name}.weight"] = "attn" if ".attn." in f".{name}." else "mlp"
     return roles
 
 
@@ -1365,10 +1381,14 @@ class Run:
         cfg, path, log = cfg or self.cfg, path or self.artifact_path, self.log
         t = time.perf_counter()
         if self.rt.is_master:
+            state = {k: v.detach() for k, v in self.model.state_dict().items()}
+            roles = {k: r for k, r in quant_roles(self.model).items() if state[k].numel() > cfg.passthrough_numel}
             qtensors = quantize_state_dict(
-                {k: v.detach() for k, v in self.model.state_dict().items()}, hessians, matrix_bits=cfg.matrix_bits,
-                matrix_clip_sigmas=cfg.matrix_clip_sigmas, embed_bits=cfg.embed_bits,
-                embed_clip_sigmas=cfg.embed_clip_sigmas, passthrough_numel=cfg.passthrough_numel, method=method)
+                state, hessians, matrix_bits=cfg.matrix_bits, embed_bits=cfg.embed_bits, roles=roles,
+                embed_clip_sigmas=cfg.embed_clip_sigmas, attn_clip_sigmas=cfg.attn_clip_sigmas,
+                mlp_clip_sigmas=cfg.mlp_clip_sigmas,
+                lqer_rank=cfg.lqer_rank if cfg.lqer_enabled else 0, lqer_top_k=cfg.lqer_top_k,
+                lqer_group=cfg.lqer_asym_group, passthrough_numel=cfg.passthrough_numel, method=method)
             save_artifact(path, encode_artifact(qtensors, codec=cfg.compressor))
             n, code = path.stat().st_size, len(getattr(self, "code", b""))
             log("Quantized weights:")

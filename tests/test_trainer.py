@@ -120,7 +120,8 @@ CONFIG_FIELDS = {  # adding a knob is a deliberate two-line edit: the field and 
     "adam_eps", "adam_wd", "attention", "beta1", "beta2", "compile", "compressor", "data_dir", "data_path", "ema_decay",
     "embed_bits", "embed_clip_sigmas", "embed_wd", "enable_looping_at", "eval_seq_len", "eval_stride",
     "gptq_calibration_batches", "gptq_reserve_seconds", "grad_accum_steps", "grad_clip_norm", "iterations",
-    "ln_scale", "logit_softcap", "loop_end", "loop_start", "matrix_bits", "matrix_clip_sigmas", "matrix_lr",
+    "ln_scale", "logit_softcap", "loop_end", "loop_start", "matrix_bits", "matrix_lr", "attn_clip_sigmas",
+    "mlp_clip_sigmas", "lqer_enabled", "lqer_rank", "lqer_top_k", "lqer_asym_group",
     "max_wallclock_seconds", "min_lr", "mlp_leaky_slope", "mlp_mult", "model_dim", "muon_backend_steps",
     "muon_momentum", "muon_momentum_warmup_start", "muon_momentum_warmup_steps", "muon_row_normalize", "muon_wd",
     "num_heads", "num_kv_heads", "num_layers", "num_loops", "out_dir", "parallel_residual_start", "passthrough_numel",
@@ -523,7 +524,7 @@ def test_every_record_n_env_name_maps_to_a_field_or_fails_clearly() -> None:
     cfg = Config.from_env({"PARALLEL_START_LAYER": "9", "SPARSE_ATTN_GATE_SCALE": "0.5", "TIE_EMBEDDINGS": "1",
                            "PARALLEL_FINAL_LANE": "mean", "FUSED_CE_ENABLED": "0", "SPARSE_ATTN_GATE_INIT_STD": "0.0"})
     assert (cfg.parallel_residual_start, cfg.sparse_attn_gate_scale) == (9, 0.5)
-    for key, value, match in (("FUSED_CE_ENABLED", "1", "no fused Triton kernel"), ("LQER_ENABLED", "1", "LQER"),
+    for key, value, match in (("FUSED_CE_ENABLED", "1", "no fused Triton kernel"), ("MATRIX_CLIP_SIGMAS", "11", "ATTN_CLIP_SIGMAS"),
                               ("PHASED_TTT_NUM_PHASES", "3", "phased LoRA TTT"), ("EMBED_LR", "0.6", "TIED_EMBED_LR"),
                               ("PARALLEL_FINAL_LANE", "last", "their mean")):
         with pytest.raises(ValueError, match=f"^{key}={value}: .*{match}"):
@@ -542,3 +543,16 @@ def test_train_loader_follows_config_and_calibration_reads_shuffled_windows(tiny
     monkeypatch.setattr(packed, "make_loader", lambda kind=None: kinds.append(kind) or shuffled.make_loader())
     packed.calibrate(seconds=60.0)
     assert kinds == ["shuffled"]
+
+
+def test_artifact_has_record_n_quantization(tiny_run) -> None:
+    """The run's artifact: int7 embedding, int6 attention/MLP matrices, LQER corrections on the top 3 residuals (the
+    trainer's defaults are record N's), and quant roles assigned to every block matrix by module, not by name rules."""
+    from quant import load_artifact
+    qts = {qt.name: qt for qt in load_artifact(tiny_run.out_dir / "final_model.int6.ptz")}
+    assert qts["tok_emb.weight"].bits == 7
+    assert {qt.bits for n, qt in qts.items() if n.startswith("blocks.") and qt.kind == "gptq"} == {6}
+    assert sum(qt.lqer is not None for qt in qts.values()) == 3
+    roles = train_gpt.quant_roles(GPT(Config(**TINY)))
+    assert roles["blocks.0.attn.proj.weight"] == "attn" and roles["blocks.3.mlp.proj.weight"] == "mlp"
+    assert set(roles.values()) == {"embed", "attn", "mlp"} and len(roles) == 1 + 6 * TINY["num_layers"]
