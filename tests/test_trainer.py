@@ -524,7 +524,8 @@ def test_every_record_n_env_name_maps_to_a_field_or_fails_clearly() -> None:
     cfg = Config.from_env({"PARALLEL_START_LAYER": "9", "SPARSE_ATTN_GATE_SCALE": "0.5", "TIE_EMBEDDINGS": "1",
                            "PARALLEL_FINAL_LANE": "mean", "FUSED_CE_ENABLED": "0", "SPARSE_ATTN_GATE_INIT_STD": "0.0"})
     assert (cfg.parallel_residual_start, cfg.sparse_attn_gate_scale) == (9, 0.5)
-    for key, value, match in (("FUSED_CE_ENABLED", "1", "no fused Triton kernel"), ("MATRIX_CLIP_SIGMAS", "11", "ATTN_CLIP_SIGMAS"),
+    for key, value, match in (("FUSED_CE_ENABLED", "1", "no fused Triton kernel"),
+                              ("MATRIX_CLIP_SIGMAS", "11", "ATTN_CLIP_SIGMAS"),
                               ("PHASED_TTT_NUM_PHASES", "3", "phased LoRA TTT"), ("EMBED_LR", "0.6", "TIED_EMBED_LR"),
                               ("PARALLEL_FINAL_LANE", "last", "their mean")):
         with pytest.raises(ValueError, match=f"^{key}={value}: .*{match}"):
