@@ -57,7 +57,7 @@ def tiny_runs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
         for seed in SEEDS:
             out = root / f"seed{seed}"
             cfg = train_gpt.Config(**{**TINY_TRAIN, **dict(  # the suite's tiny config, smaller still
-                vocab_size=vocab, num_layers=2, num_heads=2, num_kv_heads=1, mlp_mult=2.0, loop_start=0, loop_end=1,
+                vocab_size=vocab, num_layers=2, num_heads=2, num_kv_heads=1, mlp_mult=2.0, loop_start=0, loop_end=0,
                 parallel_residual_start=1, xsa_last_n=2, iterations=3, train_log_every=1, train_batch_tokens=512,
                 val_batch_tokens=4096, compressor="zstd")}, data_path=str(data), tokenizer_path=str(tok),
                 out_dir=str(out), run_id=f"tiny{seed}", seed=seed)

@@ -21,7 +21,7 @@ from tools.sandbox import Observation, base_env, run_sandboxed
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE_ENV = dict(NUM_LAYERS="2", MODEL_DIM="64", NUM_HEADS="2", NUM_KV_HEADS="1", ROPE_DIMS="8", MLP_MULT="2",
-                 LOOP_START="0", LOOP_END="1", NUM_LOOPS="1", PARALLEL_RESIDUAL_START="1", XSA_LAST_N="2",
+                 LOOP_START="0", LOOP_END="0", NUM_LOOPS="1", PARALLEL_RESIDUAL_START="1", XSA_LAST_N="2",
                  TRAIN_SEQ_LEN="64", TRAIN_BATCH_TOKENS="512", GRAD_ACCUM_STEPS="1", ITERATIONS="3",
                  WARMUP_STEPS="1", MAX_WALLCLOCK_SECONDS="0", VAL_LOSS_EVERY="0", TRAIN_LOG_EVERY="1",
                  VAL_BATCH_TOKENS="4096", EVAL_SEQ_LEN="64", EVAL_STRIDE="32", TTT_CHUNK_TOKENS="4096",
