@@ -18,12 +18,14 @@ CONTRACT = re.compile(r"^dryrun: val_bpb=(\d+\.\d+) bytes_total=(\d+) limit=1600
 
 def test_tiny_run_summary(tiny_run) -> None:
     s = tiny_run.summary
-    assert list(s["evals"]) == ["pre-quantization post-ema", "quantized", "quantized_sliding_window", "quantized_ttt"]
-    assert s["final_label"] == "quantized_ttt" and s["final_val_bpb"] == s["evals"]["quantized_ttt"]["val_bpb"]
+    assert list(s["evals"]) == ["pre-quantization post-ema", "quantized", "quantized_sliding_window",
+                                "quantized_ttt_phased"]
+    final = s["evals"]["quantized_ttt_phased"]
+    assert s["final_label"] == "quantized_ttt_phased" and s["final_val_bpb"] == final["val_bpb"]
     assert s["bytes_model"] == (tiny_run.out_dir / "final_model.int6.ptz").stat().st_size
     assert s["bytes_total"] == s["bytes_code"] + s["bytes_model"] < 16_000_000
     assert {r["phase"] for r in s["time_ledger"]} >= {"train_loop", "gptq_hessians", "quantized_sliding_window",
-                                                      "quantized_ttt"}
+                                                      "quantized_ttt_phased"}
 
 
 def test_requantize_sweep(tiny_run, capsys) -> None:
