@@ -75,8 +75,9 @@ def ttt_work(val: torch.Tensor, cfg: tg.Config) -> tuple[int, int, int, int]:
         starts = torch.tensor([plan.docs[d][0] for d in batch])
         preds = torch.tensor([plan.docs[d][1] - 1 for d in batch])
         for ci in range(-(-int(preds.max()) // C)):
-            active = int(chunk_rows(val, starts, preds, ci, C, W, 1).score.any(1).sum() or 0)
-            steps, rows, positions = steps + 1, rows + active, positions + len(batch) * context(ci, C, W, False)
+            T = context(ci, C, W, False)
+            active = int(chunk_rows(val, starts, preds, ci, C, W, T).score.any(1).sum())
+            steps, rows, positions = steps + 1, rows + active, positions + len(batch) * T
     return len(plan.queue), steps, rows, positions
 
 
