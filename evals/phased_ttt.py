@@ -1,4 +1,4 @@
-"""Record N's phased score-first TTT with per-document LoRA (PR #1855; LoRA TTT lineage PR #1530, #1767), the driver.
+"""Record N's phased score-first TTT with per-document LoRA (PR #1855; alpha/rank, warm A: PR #1767), the driver.
 The adapters live in the model (train_gpt.TTTAdapters, GPT.forward_logits(ids, lora)); this module never imports
 train_gpt (a record inlines it into train_gpt.py), so it receives the model, the config and the eval context.
 
