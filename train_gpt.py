@@ -4,8 +4,8 @@ Run: `torchrun --standalone --nproc_per_node=8 train_gpt.py` (8xH100) or `--npro
 the record's defaults, overridden by env vars (`SEED=42 torchrun ...`). Importing this file has no side effects.
 
 Glossary: layer = a parameter block; pass = one execution of a layer; loop = a repeated span of layers.
-doc = BOS + tokens; window = an eval context; chunk = a TTT unit of val tokens. bits / clip_range = 2**(bits-1)-1
-/ clip_sigmas / scale are the quantizer's terms; rank / world_size / master are the distributed ones.
+doc = BOS + tokens; window = an eval context; chunk = the targets of a document a TTT step scores. bits / clip_range =
+2**(bits-1)-1 / clip_sigmas / scale are the quantizer's terms; rank / world_size / master are the distributed ones.
 """
 
 from __future__ import annotations
@@ -31,8 +31,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-# >>> inline local modules (tools/build_record.py replaces this block with the data/shards.py and quant/ sources)
+# >>> inline local modules (tools/build_record.py replaces this block with the data/shards.py, evals/ and quant/ sources)
 from data.shards import BOS_ID, DocumentPackingLoader, ShuffledSequenceLoader, load_data, sha256_file, target_bytes
+from evals.phased_ttt import context_sizes, eval_phased_ttt
 from quant import (
     ARTIFACT_CODECS,
     accumulate_hessian,
@@ -75,7 +76,9 @@ LOG_FORMATS = dict(
     total_size="Total submission size quantized+{codec}: {n} bytes",
     bytes="bytes_{part}:{n}",
     artifact="artifact: {name} sha256:{sha256}",
-    ttt_start="ttt:start chunks={chunks} ttt_lr={lr:g} ttt_epochs={epochs}",
+    ttt_start="ttt_phased: total_docs:{docs} prefix_docs:{prefix} suffix_docs:{suffix} num_phases:{phases} "
+              "boundaries:{boundaries}",
+    ttt_phase="ttpp: phase:{k}/{phases} pd:{scored} gd:{docs} t:{seconds:.1f}s",
     ledger="time_ledger phase:{phase} seconds:{seconds:.3f} budget:{budget}",
     ledger_total="time_ledger_total train:{train:.3f} eval:{eval:.3f} limit:{limit:g}",
 )
@@ -163,17 +166,33 @@ class Config:
     eval_seq_len: int = 2048
     eval_stride: int = 64
     sliding_window_enabled: bool = True
-    ttt_enabled: bool = True
-    ttt_lr: float = 0.005
-    ttt_epochs: int = 3
-    ttt_momentum: float = 0.9
-    ttt_chunk_tokens: int = 32_768
+    ttt_enabled: bool = True  # record N's phased score-first TTT with per-document LoRA (evals/phased_ttt.py)
+    ttt_lora_rank: int = 96
+    ttt_lora_alpha: float = 144.0  # adapters scale by alpha / rank
+    ttt_lora_lr: float = 1e-4  # AdamW on the adapters
+    ttt_beta1: float = 0.0
+    ttt_beta2: float = 0.999
+    ttt_weight_decay: float = 1.0
+    ttt_chunk_size: int = 48  # targets of a document scored, then trained on, per step
+    ttt_eval_seq_len: int = 2048  # a step's window: the last <= this many tokens of the document up to the chunk end
+    ttt_batch_size: int = 64  # documents per batch, one adapter slot each
+    ttt_lanes: int = 8  # adapter sets that carry A from batch to batch (record N: one per GPU); batch q uses q % lanes
+    phased_ttt_prefix_docs: int = 2000  # global SGD phases on the base model train on up to this many scored docs
+    phased_ttt_num_phases: int = 3
+    global_ttt_lr: float = 1e-3
+    global_ttt_momentum: float = 0.9
+    global_ttt_chunk_tokens: int = 32_768
     # quantization (quant/)
     gptq_calibration_batches: int = 16
     matrix_bits: int = 6
-    matrix_clip_sigmas: float = 12.85
-    embed_bits: int = 8
-    embed_clip_sigmas: float = 20.0
+    attn_clip_sigmas: float = 13.0  # per-role SDClip sigmas (record N): attention and MLP matrices
+    mlp_clip_sigmas: float = 12.0
+    embed_bits: int = 7  # int7 embeddings (record N; P: 8 bits at 20 sigmas)
+    embed_clip_sigmas: float = 15.0
+    lqer_enabled: bool = True  # LQER: rank-4 INT2/INT4 correction of the 3 largest GPTQ residuals (PR #1797)
+    lqer_rank: int = 4
+    lqer_top_k: int = 3
+    lqer_asym_group: int = 64
     compressor: str = "brotli"
     passthrough_numel: int = 65_536  # float tensors with at most this many elements are stored fp16, not quantized
 
@@ -190,8 +209,9 @@ class Config:
              f"loop span {self.loop_start}..{self.loop_end} outside {self.num_layers} layers")
         need(self.train_batch_tokens % self.train_seq_len == 0, "TRAIN_BATCH_TOKENS must be a multiple of TRAIN_SEQ_LEN")
         need(self.eval_seq_len % self.eval_stride == 0 and self.eval_stride > 0, "EVAL_STRIDE must divide EVAL_SEQ_LEN")
-        need(self.ttt_chunk_tokens % self.eval_stride == 0 and self.ttt_chunk_tokens % self.eval_seq_len == 0,
-             "TTT_CHUNK_TOKENS must be a multiple of EVAL_SEQ_LEN (and so of EVAL_STRIDE)")
+        need(0 < self.ttt_chunk_size <= self.ttt_eval_seq_len, "TTT_CHUNK_SIZE must be in 1..TTT_EVAL_SEQ_LEN")
+        need(self.global_ttt_chunk_tokens % self.eval_seq_len == 0 and self.ttt_batch_size > 0 and self.ttt_lanes > 0,
+             "GLOBAL_TTT_CHUNK_TOKENS must be a multiple of EVAL_SEQ_LEN; TTT_BATCH_SIZE and TTT_LANES >= 1")
         need(self.compile in ("auto", "0", "1"), f"COMPILE={self.compile!r}: use auto, 0 or 1")
         need(self.precision in ("auto", "fp32", "bf16"), f"PRECISION={self.precision!r}: use auto, fp32 or bf16")
         need(self.attention in ("auto", "fa3", "sdpa"), f"ATTENTION={self.attention!r}: use auto, fa3 or sdpa")
@@ -250,21 +270,20 @@ UPSTREAM_FIXED = {  # name: (pgolf's behaviour as that switch's value, why)
     "SPARSE_ATTN_GATE_INIT_STD": ("0", "the sparse attention gate starts at zero"),
     "ATTN_OUT_GATE_ENABLED": ("0", "the attention gates are the sparse gate only (SPARSE_ATTN_GATE_ENABLED)"),
     "GATED_ATTN_ENABLED": ("0", "the attention gates are the sparse gate only (SPARSE_ATTN_GATE_ENABLED)"),
+    "GATED_ATTN_QUANT_GATE": ("0", "it quantizes the dense attention gate, which pgolf does not have"),
+    "LQER_FACTOR_BITS": ("4", "LQER's B factor is INT4 (A is INT2), asymmetric"),
+    "LQER_ASYM_ENABLED": ("1", "LQER's factors are always the asymmetric INT2/INT4 form"),
+    **{k: (v, "pgolf's phased TTT has record N's setting of this switch only") for k, v in (
+        ("TTT_GRAD_STEPS", "1"), ("TTT_K_LORA", "1"), ("TTT_MLP_LORA", "1"), ("TTT_O_LORA", "1"), ("TTT_OPTIMIZER", "adam"),
+        ("TTT_WARM_START_A", "1"), ("TTT_EVAL_BATCHES", ""), ("VAL_DOC_FRACTION", "1"), ("GLOBAL_TTT_EPOCHS", "1"),
+        ("GLOBAL_TTT_BATCH_SEQS", "32"), ("GLOBAL_TTT_GRAD_CLIP", "1"), ("GLOBAL_TTT_WARMUP_START_LR", "0"),
+        ("GLOBAL_TTT_WARMUP_CHUNKS", "0"), ("GLOBAL_TTT_RESPECT_DOC_BOUNDARIES", "1"))},
+    **dict.fromkeys(("TTT_EVAL_ONLY", "PREQUANT_ONLY"), ("0", "a run always trains, quantizes and scores")),
 }
 UPSTREAM_REFUSED = {
     **dict.fromkeys(("EMBED_LR", "HEAD_LR"), "pgolf ties the embedding; its rate is TIED_EMBED_LR"),
+    "MATRIX_CLIP_SIGMAS": "clip sigmas are per role: ATTN_CLIP_SIGMAS and MLP_CLIP_SIGMAS",
     "CASEOPS_ENABLED": "point DATA_PATH and TOKENIZER_PATH at the CaseOps variant; bytes come from its sidecar",
-    **dict.fromkeys(("TTT_LORA_RANK", "TTT_LORA_LR", "TTT_CHUNK_SIZE", "TTT_EVAL_SEQ_LEN", "TTT_BATCH_SIZE",
-                     "TTT_GRAD_STEPS", "TTT_WEIGHT_DECAY", "TTT_BETA1", "TTT_BETA2", "TTT_K_LORA", "TTT_MLP_LORA",
-                     "TTT_O_LORA", "TTT_OPTIMIZER", "TTT_EVAL_BATCHES", "TTT_LORA_ALPHA", "TTT_WARM_START_A",
-                     "PHASED_TTT_PREFIX_DOCS", "PHASED_TTT_NUM_PHASES", "GLOBAL_TTT_LR", "GLOBAL_TTT_MOMENTUM",
-                     "GLOBAL_TTT_EPOCHS", "GLOBAL_TTT_CHUNK_TOKENS", "GLOBAL_TTT_BATCH_SEQS", "GLOBAL_TTT_GRAD_CLIP",
-                     "GLOBAL_TTT_WARMUP_START_LR", "GLOBAL_TTT_WARMUP_CHUNKS", "GLOBAL_TTT_RESPECT_DOC_BOUNDARIES",
-                     "VAL_DOC_FRACTION", "TTT_EVAL_ONLY", "PREQUANT_ONLY"),
-                    "record N's phased LoRA TTT is not in pgolf yet (its TTT is record P's score-first chunk SGD)"),
-    **dict.fromkeys(("MLP_CLIP_SIGMAS", "ATTN_CLIP_SIGMAS", "LQER_ENABLED", "LQER_RANK", "LQER_TOP_K",
-                     "LQER_FACTOR_BITS", "LQER_ASYM_ENABLED", "LQER_ASYM_GROUP", "GATED_ATTN_QUANT_GATE"),
-                    "record N's per-role clip sigmas and LQER are not in the trainer's config yet"),
 }
 
 
@@ -458,11 +477,15 @@ class CausalSelfAttention(nn.Module):
         if gate_scale is not None:  # sparse attention output gate (PR #1787): 12 input dims per head, 0.5 at init
             self.attn_gate_w = nn.Parameter(torch.zeros(num_heads, ATTN_GATE_DIMS))
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, docs: Docs = Docs()) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, docs: Docs = Docs(), ad: nn.ModuleDict | None = None) -> Tensor:
+        """ad: this pass's TTT adapters (TTTAdapters); q, k, v and the output get ad[...](x) of the attention input."""
         B, T, _ = x.shape
-        q = self.c_q(x).view(B, T, self.num_heads, self.head_dim)
-        k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim)
-        v = self.c_v(x).view(B, T, self.num_kv_heads, self.head_dim)
+        q, k, v = self.c_q(x), self.c_k(x), self.c_v(x)
+        if ad is not None:
+            q, k, v = q + ad["q"](x), k + ad["k"](x), v + ad["v"](x)
+        q = q.view(B, T, self.num_heads, self.head_dim)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim)
         q = apply_partial_rope(rms_norm(q), cos, sin) * self.q_gain.to(q.dtype)[None, None, :, None]
         k = apply_partial_rope(rms_norm(k), cos, sin)
         y = attention(q, k, v, self.fa3, docs)  # (B, T, H, D)
@@ -471,7 +494,8 @@ class CausalSelfAttention(nn.Module):
         if self.gate_scale is not None:
             gate = F.linear(x[..., :ATTN_GATE_DIMS], self.attn_gate_w.to(x.dtype)) * self.gate_scale
             y = y * torch.sigmoid(gate)[..., None]
-        return self.proj(y.reshape(B, T, -1))
+        out = self.proj(y.reshape(B, T, -1))
+        return out if ad is None else out + ad["o"](x)
 
 
 class MLP(nn.Module):
@@ -481,8 +505,9 @@ class MLP(nn.Module):
         self.proj = nn.Linear(hidden, dim, bias=False)
         self.leaky_slope = leaky_slope
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.proj(F.leaky_relu(self.fc(x), self.leaky_slope).square())
+    def forward(self, x: Tensor, ad: nn.ModuleDict | None = None) -> Tensor:
+        out = self.proj(F.leaky_relu(self.fc(x), self.leaky_slope).square())
+        return out if ad is None else out + ad["mlp"](x)
 
 
 class Block(nn.Module):
@@ -499,23 +524,25 @@ class Block(nn.Module):
         self.norm_scale = 1.0 / math.sqrt(layer_idx + 1) if cfg.ln_scale else 1.0  # physical index, kept when looped
         self.parallel = layer_idx >= cfg.parallel_residual_start  # parallel residuals: PR #1204, #1412
 
-    def forward(self, x: Tensor, x0: Tensor, cos: Tensor, sin: Tensor, docs: Docs,
-                lane1: Tensor | None = None, lambdas: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor | None]:
+    def forward(self, x: Tensor, x0: Tensor, cos: Tensor, sin: Tensor, docs: Docs, lane1: Tensor | None = None,
+                lambdas: tuple[Tensor, Tensor] | None = None,
+                ad: nn.ModuleDict | None = None) -> tuple[Tensor, Tensor | None]:
         """x (lane 0) and lane 1 after this layer. With two lanes (record N), attention reads lane 0 (mixed with x0),
-        the MLP reads lane 1, and each lane takes rho * itself + pi-weighted attention and MLP outputs."""
+        the MLP reads lane 1, and each lane takes rho * itself + pi-weighted attention and MLP outputs. ad: the TTT
+        adapters of this pass, passed to attention and MLP."""
         dt = x.dtype
         mix = self.resid_mix.to(dt)
         mixed = mix[0] * x + mix[1] * x0
         h = rms_norm(mixed) * self.norm_scale
-        a = self.attn_scale.to(dt) * self.attn(h, cos, sin, docs)
+        a = self.attn_scale.to(dt) * self.attn(h, cos, sin, docs, ad)
         if lane1 is not None:
             rho, pi = (t.to(dt) for t in lambdas)
-            m = self.mlp_scale.to(dt) * self.mlp(rms_norm(lane1) * self.norm_scale)
+            m = self.mlp_scale.to(dt) * self.mlp(rms_norm(lane1) * self.norm_scale, ad)
             return rho[0] * x + pi[0, 0] * a + pi[1, 0] * m, rho[1] * lane1 + pi[0, 1] * a + pi[1, 1] * m
         if self.parallel:
-            return mixed + a + self.mlp_scale.to(dt) * self.mlp(h), None
+            return mixed + a + self.mlp_scale.to(dt) * self.mlp(h, ad), None
         x = mixed + a
-        return x + self.mlp_scale.to(dt) * self.mlp(rms_norm(x) * self.norm_scale), None
+        return x + self.mlp_scale.to(dt) * self.mlp(rms_norm(x) * self.norm_scale, ad), None
 
 
 class GPT(nn.Module):
@@ -549,8 +576,9 @@ class GPT(nn.Module):
                 elif min(mod.weight.shape) >= 64:
                     nn.init.orthogonal_(mod.weight)
 
-    def forward_hidden(self, ids: Tensor) -> Tensor:
-        """Final normed hidden states (B, T, D): the input of the tied output head."""
+    def forward_hidden(self, ids: Tensor, lora: TTTAdapters | None = None) -> Tensor:
+        """Final normed hidden states (B, T, D): the input of the tied output head. lora: TTT adapters, one set per
+        layer pass, added inside the same blocks (gates, SmearGate, document isolation and looping unchanged)."""
         cfg = self.cfg
         enc, dec = layer_schedule(cfg.num_layers, cfg.loop_start, cfg.loop_end, cfg.num_loops, self.looping)
         cos, sin = rope_tables(ids.size(1), cfg.rope_dims, cfg.rope_base, ids.device)
@@ -561,16 +589,15 @@ class GPT(nn.Module):
         x = rms_norm(x)
         x0, skips, lane1 = x, [], None
 
-        def block(i: int, x: Tensor, lane1: Tensor | None) -> tuple[Tensor, Tensor | None]:
-            if lane1 is not None:
-                lambdas = self.parallel_resid_lambdas[i], self.parallel_post_lambdas[i]
-                return self.blocks[i](x, x0, cos, sin, docs, lane1, lambdas)
-            return self.blocks[i](x, x0, cos, sin, docs)
+        def block(i: int, p: int, x: Tensor, lane1: Tensor | None) -> tuple[Tensor, Tensor | None]:
+            ad = None if lora is None else lora.passes[p]
+            lambdas = (self.parallel_resid_lambdas[i], self.parallel_post_lambdas[i]) if lane1 is not None else None
+            return self.blocks[i](x, x0, cos, sin, docs, lane1, lambdas, ad)
 
-        for i in enc:
+        for p, i in enumerate(enc):
             if lane1 is None and cfg.parallel_lanes == 2 and self.blocks[i].parallel:
                 lane1 = x  # both lanes start as the stream entering the first two-lane layer
-            x, lane1 = block(i, x, lane1)
+            x, lane1 = block(i, p, x, lane1)
             skips.append(x)
         for j, i in enumerate(dec):
             if lane1 is None and cfg.parallel_lanes == 2 and self.blocks[i].parallel:
@@ -581,17 +608,63 @@ class GPT(nn.Module):
                     x = x + s
                 else:  # sigmoid skip gates: lerp(s, x, g); init 0 -> 50/50
                     x = torch.lerp(s, x, torch.sigmoid(self.skip_gates[j]).to(x.dtype))
-            x, lane1 = block(i, x, lane1)
+            x, lane1 = block(i, len(enc) + j, x, lane1)
         return rms_norm(x if lane1 is None else 0.5 * (x + lane1))
 
-    def forward_logits(self, ids: Tensor) -> Tensor:
-        logits = F.linear(self.forward_hidden(ids), self.tok_emb.weight)
+    def forward_logits(self, ids: Tensor, lora: TTTAdapters | None = None) -> Tensor:
+        h = self.forward_hidden(ids, lora)
+        logits = F.linear(h, self.tok_emb.weight)
+        if lora is not None:  # the head's adapter, before the softcap
+            logits = logits + lora.head(h)
         c = self.cfg.logit_softcap
         return c * torch.tanh(logits / c)
 
     def forward(self, ids: Tensor, targets: Tensor) -> Tensor:
         logits = self.forward_logits(ids)
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
+class LoRA(nn.Module):
+    """Record N's batched TTT adapter (BatchedLinearLoRA; alpha/rank scaling: PR #1767): slot b of dim 0 (one
+    document) maps x to (x A_b^T) B_b^T * alpha/rank. A ~ U(+-1/sqrt(in)) from gen, B = 0: a new adapter adds 0."""
+
+    def __init__(self, bsz: int, fan_in: int, fan_out: int, rank: int, alpha: float, gen: torch.Generator):
+        super().__init__()
+        self.A = nn.Parameter(torch.empty(bsz, rank, fan_in).uniform_(-fan_in**-0.5, fan_in**-0.5, generator=gen))
+        self.B = nn.Parameter(torch.zeros(bsz, fan_out, rank))
+        self.scale = alpha / rank
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x @ self.A.transpose(1, 2)) @ self.B.transpose(1, 2) * self.scale
+
+
+class TTTAdapters(nn.Module):
+    """Record N's TTT LoRA for `bsz` documents: on Q, K, V, the attention output and the MLP of every layer pass (a
+    looped layer gets one set per pass; parallel adapters from the attention / MLP input to its output) and on the
+    head (final hidden -> logits, before the softcap). GPT.forward_logits(ids, lora) applies them."""
+
+    def __init__(self, model: GPT, bsz: int, rank: int, alpha: float, gen: torch.Generator):
+        super().__init__()
+        c, d = model.cfg, model.cfg.model_dim
+        kv = c.num_kv_heads * (d // c.num_heads)
+        passes = sum(map(len, layer_schedule(c.num_layers, c.loop_start, c.loop_end, c.num_loops, model.looping)))
+        lora = lambda fan_in, fan_out: LoRA(bsz, fan_in, fan_out, rank, alpha, gen)
+        self.head = lora(d, c.vocab_size)
+        self.passes = nn.ModuleList(nn.ModuleDict(dict(q=lora(d, d), k=lora(d, kv), v=lora(d, kv), o=lora(d, d),
+                                                       mlp=lora(d, d))) for _ in range(passes))
+        self.to(model.tok_emb.weight.device)
+
+    def reset(self) -> None:
+        """B = 0 again, A kept (record N's warm start, TTT_WARM_START_A=1)."""
+        with torch.no_grad():
+            for m in self.modules():
+                if isinstance(m, LoRA):
+                    m.B.zero_()
+
+
+def ttt_forward(model: GPT, ids: Tensor, lora: TTTAdapters) -> Tensor:
+    """The TTT forward as a frame of its own, so compiling it (Run.score) caches its shapes apart from the eval's."""
+    return model.forward_logits(ids, lora)
 
 
 def apply_precision(model: GPT, precision: str) -> GPT:
@@ -609,6 +682,16 @@ def param_roles(model: GPT) -> dict[str, str]:
     for name, mod in model.blocks.named_modules():
         if isinstance(mod, nn.Linear):
             roles[f"blocks.{name}.weight"] = "muon"
+    return roles
+
+
+def quant_roles(model: GPT) -> dict[str, str]:
+    """Each matrix's quantization role (quant.ROLES), assigned once and explicitly: the tied embedding, and the
+    attention and MLP matrices of every block (each role has its own bits / clip sigmas)."""
+    roles = {"tok_emb.weight": "embed"}
+    for name, mod in model.blocks.named_modules():
+        if isinstance(mod, nn.Linear):
+            roles[f"blocks.{name}.weight"] = "attn" if ".attn." in f".{name}." else "mlp"
     return roles
 
 
@@ -735,7 +818,7 @@ class Optimizers:
 @dataclass(frozen=True)
 class Schedule:
     """Everything that moves with training progress, in one place: progress, LR multiplier, Muon momentum, the
-    looping switch, the TTT learning rate and the calibration deadline. Pure functions of the config."""
+    looping switch and the calibration deadline. Pure functions of the config."""
 
     cfg: Config
 
@@ -762,10 +845,6 @@ class Schedule:
         """Depth recurrence is on from enable_looping_at of the budget; it never switches off."""
         return self.cfg.num_loops > 0 and frac >= self.cfg.enable_looping_at
 
-    def ttt_lr(self, chunk: int, num_chunks: int) -> float:
-        """Cosine over chunks, from ttt_lr at the first chunk to 0 at the last."""
-        return self.cfg.ttt_lr * 0.5 * (1 + math.cos(math.pi * chunk / max(1, num_chunks - 1)))
-
     def calibration_seconds(self, train_ms: float) -> float:
         """What is left of the train budget after a loop of train_ms: Hessian collection reads training data, so it
         must end inside the budget (upstream rulings around #677 and the #1868 rerun)."""
@@ -779,7 +858,8 @@ def ema_update_(ema: list[Tensor], params: list[Tensor], decay: float) -> None:
 
 
 # -----------------------------------------------------------------------------
-# EVALUATION: one window scorer under plain, sliding-window and score-first TTT evaluation
+# EVALUATION: one window scorer under plain and sliding-window evaluation; record N's phased score-first TTT is
+# evals/phased_ttt.py (inlined into a record like data/shards.py), on the model's forward with TTT adapters.
 #
 # Targets are indexed 0..N-1 (target j is tokens[j+1], predicted from tokens[..j]). A window starting at s reads
 # tokens[s : s+seq_len] and scores targets s+first .. s+wlen-1, where first = 0 for s = 0 and seq_len - stride
@@ -864,68 +944,6 @@ def evaluate(logits_fn: Callable[[Tensor], Tensor], tokens: Tensor, seq_len: int
     n = tokens.numel() - 1
     if int(sums[1]) != n:
         raise RuntimeError(f"eval scored {int(sums[1])} targets, expected each of {n} exactly once")
-    return bpb_from_sums(sums)
-
-
-def ttt_chunks(num_targets: int, seq_len: int, stride: int, chunk_tokens: int) -> list[np.ndarray]:
-    """Sliding windows grouped by chunk: chunk c's windows score exactly targets c*chunk .. (c+1)*chunk - 1
-    (window starts and their first scored position are multiples of stride, which divides chunk_tokens)."""
-    starts = window_starts(num_targets, seq_len, stride)
-    num_chunks = -(-num_targets // chunk_tokens)
-    first = np.where(starts == 0, 0, seq_len - stride)
-    chunk_of = np.minimum((starts + first) // chunk_tokens, num_chunks - 1)
-    return [starts[chunk_of == c] for c in range(num_chunks)]
-
-
-def adapt_on_chunk(model: GPT, opt: torch.optim.Optimizer, tokens: Tensor, chunk: int, chunk_tokens: int,
-                   seq_len: int, epochs: int, ev: EvalContext, batch_seqs: int = 32) -> None:
-    """SGD on chunk `chunk`'s tokens only: sequences tokens[c*C + k*L ...], targets shifted by one, so the last
-    target is token (c+1)*C, which the chunk's windows have already scored. Rank r takes its share of the
-    sequences; gradients are averaged over ranks and clipped to norm 1 before each step."""
-    n_seq = chunk_tokens // seq_len
-    lo, hi = n_seq * ev.rank // ev.world_size, n_seq * (ev.rank + 1) // ev.world_size
-    idx = chunk * chunk_tokens + torch.arange(lo * seq_len, hi * seq_len).view(-1, seq_len)
-    x, y = tokens[idx].to(ev.device), tokens[idx + 1].to(ev.device)
-    steps = math.ceil(math.ceil(n_seq / ev.world_size) / batch_seqs)  # the same number of steps on every rank
-    params = [p for p in model.parameters() if p.requires_grad]
-    model.train()
-    for _ in range(epochs):
-        for i in range(steps):
-            xb, yb = x[i * batch_seqs : (i + 1) * batch_seqs], y[i * batch_seqs : (i + 1) * batch_seqs]
-            if len(xb):
-                with ev.amp():
-                    model(xb, yb).backward()
-            for p in params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                all_reduce_(p.grad, dist.ReduceOp.AVG)
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-    model.eval()
-
-
-def eval_ttt(model: GPT, tokens: Tensor, cfg: Config, ev: EvalContext, logits_fn: Callable[[Tensor], Tensor] | None = None,
-             nll_out: Tensor | None = None, hits_out: Tensor | None = None) -> tuple[float, float]:
-    """Legal score-first TTT (record P; framework PR #549, #1413). For each chunk in order:
-    score it under no_grad with weights that have only trained on earlier chunks, add it to the totals, and only
-    then adapt on it. The last chunk is never trained on. Issue #1017 conditions: causal, normalized, score
-    before update, single pass."""
-    n, L, S, C = tokens.numel() - 1, cfg.eval_seq_len, cfg.eval_stride, cfg.ttt_chunk_tokens
-    chunks = ttt_chunks(n, L, S, C)
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.ttt_lr, momentum=cfg.ttt_momentum)
-    logits_fn, schedule = logits_fn or model.forward_logits, Schedule(cfg)
-    sums = torch.zeros(3, dtype=torch.float64, device=ev.device)
-    model.eval()
-    for c, starts in enumerate(chunks):
-        sums += score_windows(logits_fn, tokens, ev.share(starts), L, S, ev, nll_out, hits_out)  # score
-        if c < len(chunks) - 1:  # then adapt, on tokens just scored
-            for group in opt.param_groups:
-                group["lr"] = schedule.ttt_lr(c, len(chunks))
-            adapt_on_chunk(model, opt, tokens, c, C, L, cfg.ttt_epochs, ev)
-    all_reduce_(sums)
-    if int(sums[1]) != n:
-        raise RuntimeError(f"TTT scored {int(sums[1])} targets, expected each of {n} exactly once")
     return bpb_from_sums(sums)
 
 
@@ -1151,12 +1169,16 @@ def nvidia_smi() -> str:
 
 def code_sources() -> dict[str, bytes]:
     """Every code file this run executes, by repo-relative name: train_gpt.py, plus the local modules it imports
-    when they are imported as modules (a repo run): data/shards.py and quant/*.py with their packages' __init__.py.
-    In a packed record they are inlined, so the record file is the only one. Their total is the run's code bytes."""
+    when they are imported as modules (a repo run): data/shards.py, evals/*.py and quant/*.py with their packages'
+    __init__.py. In a packed record they are inlined, so the record file is the only one. Their total is the run's
+    code bytes."""
     files = {"train_gpt.py": Path(__file__).read_bytes()}
     if load_data.__module__ == "data.shards":
         data_dir = Path(sys.modules["data.shards"].__file__).parent
         files.update({f"data/{name}": (data_dir / name).read_bytes() for name in ("__init__.py", "shards.py")})
+    if eval_phased_ttt.__module__ == "evals.phased_ttt":
+        evals_dir = Path(sys.modules["evals"].__file__).parent
+        files.update({f"evals/{p.name}": p.read_bytes() for p in sorted(evals_dir.glob("*.py"))})
     if quantize_state_dict.__module__.startswith("quant."):
         quant_dir = Path(sys.modules["quant"].__file__).parent
         files.update({f"quant/{p.name}": p.read_bytes() for p in sorted(quant_dir.glob("*.py")) if p.name != "__main__.py"})
@@ -1365,10 +1387,14 @@ class Run:
         cfg, path, log = cfg or self.cfg, path or self.artifact_path, self.log
         t = time.perf_counter()
         if self.rt.is_master:
+            state = {k: v.detach() for k, v in self.model.state_dict().items()}
+            roles = {k: r for k, r in quant_roles(self.model).items() if state[k].numel() > cfg.passthrough_numel}
             qtensors = quantize_state_dict(
-                {k: v.detach() for k, v in self.model.state_dict().items()}, hessians, matrix_bits=cfg.matrix_bits,
-                matrix_clip_sigmas=cfg.matrix_clip_sigmas, embed_bits=cfg.embed_bits,
-                embed_clip_sigmas=cfg.embed_clip_sigmas, passthrough_numel=cfg.passthrough_numel, method=method)
+                state, hessians, matrix_bits=cfg.matrix_bits, embed_bits=cfg.embed_bits, roles=roles,
+                embed_clip_sigmas=cfg.embed_clip_sigmas, attn_clip_sigmas=cfg.attn_clip_sigmas,
+                mlp_clip_sigmas=cfg.mlp_clip_sigmas,
+                lqer_rank=cfg.lqer_rank if cfg.lqer_enabled else 0, lqer_top_k=cfg.lqer_top_k,
+                lqer_group=cfg.lqer_asym_group, passthrough_numel=cfg.passthrough_numel, method=method)
             save_artifact(path, encode_artifact(qtensors, codec=cfg.compressor))
             n, code = path.stat().st_size, len(getattr(self, "code", b""))
             log("Quantized weights:")
@@ -1386,25 +1412,33 @@ class Run:
 
     def score(self, path: Path | None = None) -> dict[str, dict[str, float]]:
         """Every rank reloads the artifact from disk, and every score below comes from it: quantized (diagnostic),
-        sliding window and score-first TTT (the eval budget)."""
+        sliding window and record N's phased score-first TTT (the eval budget; it changes qmodel's weights)."""
         cfg, rt, val, L = self.cfg, self.rt, self.data.val_tokens, self.cfg.eval_seq_len
         t = time.perf_counter()
         qmodel = load_quantized_model(path or self.artifact_path, cfg, rt.device, rt.precision, rt.fa3)
         self.ledger.add("deserialize", time.perf_counter() - t, "none")
         qlogits = self.compile(qmodel.forward_logits)
+        adapters = lambda bsz, gen: TTTAdapters(qmodel, bsz, cfg.ttt_lora_rank, cfg.ttt_lora_alpha, gen)
+        compiled_ttt = self.compile(ttt_forward)
+        ttt_logits = lambda ids, lora: compiled_ttt(qmodel, ids, lora)
         if self.compiled:  # compile outside the eval clock, on random tokens (no val data), like record N
             t = time.perf_counter()
             with torch.no_grad(), rt.amp():
                 qlogits(torch.randint(0, cfg.vocab_size, (self.ev.batch_windows, L), device=rt.device))
+            qmodel.requires_grad_(False)  # as in the TTT: gradients reach the adapters only
+            for T in context_sizes(cfg.ttt_chunk_size, cfg.ttt_eval_seq_len, True) if cfg.ttt_enabled else []:
+                with rt.amp():  # the TTT forward and backward at every row length, on throwaway adapters
+                    ttt_logits(torch.randint(0, cfg.vocab_size, (cfg.ttt_batch_size, T), device=rt.device),
+                               adapters(cfg.ttt_batch_size, torch.Generator())).float().mean().backward()
+            qmodel.requires_grad_(True)
             sync(rt.device)
             self.ledger.add("eval_compile_warmup", time.perf_counter() - t, "none")
         self.timed_eval("quantized", "none", lambda: self.plain_eval(qlogits))
         if cfg.sliding_window_enabled:
             self.timed_eval("quantized_sliding_window", "eval", lambda: evaluate(qlogits, val, L, cfg.eval_stride, self.ev))
         if cfg.ttt_enabled:
-            self.log(log_line("ttt_start", chunks=len(ttt_chunks(val.numel() - 1, L, cfg.eval_stride, cfg.ttt_chunk_tokens)),
-                              lr=cfg.ttt_lr, epochs=cfg.ttt_epochs))
-            self.timed_eval("quantized_ttt", "eval", lambda: eval_ttt(qmodel, val, cfg, self.ev, qlogits))
+            self.timed_eval("quantized_ttt_phased", "eval", lambda: eval_phased_ttt(
+                qmodel, val, cfg, self.ev, adapters, ttt_logits, lambda kind, **v: self.log(log_line(kind, **v))))
         return self.results
 
     def summarize(self) -> dict:

@@ -1,10 +1,11 @@
-"""Eval benchmark: plain, sliding-window and score-first TTT throughput on a quantized cpu_tiny model.
+"""Eval benchmark: plain, sliding-window and phased score-first TTT throughput on a quantized cpu_tiny model.
 
 Run from the repo root: `python bench/eval.py [--run runs/bench/ref] [--retrain] [--repeats 3]`. The run folder is
 a trainer run of configs/cpu_tiny.env (ITERATIONS=120 instead of the 60 s cap) with the full pipeline (sliding window
 and TTT on, like tools/dryrun.py); it is trained first when it has no run_summary.json (or with --retrain). Its artifact is
 reloaded with the trainer's own loader and scored with `train_gpt.evaluate` (stride = seq_len, then EVAL_STRIDE)
-and `train_gpt.eval_ttt`, each repeated; every repeat starts TTT from a fresh copy of the artifact. Prints val
+and `evals.phased_ttt.eval_phased_ttt`, each repeated; every repeat starts from a fresh copy of the artifact (the TTT's
+global phases change the weights). Prints val
 tokens/s per mode (medians), the sliding/plain and TTT/sliding cost ratios (medians of per-repeat ratios, so slow
 and fast moments cancel), and the share of each phase in the run's time ledger.
 """
@@ -23,6 +24,7 @@ import torch
 import train_gpt as tg
 from bench.common import RUNS, md_table, median, progress, run_trainer, spread
 from data.shards import load_data
+from evals.phased_ttt import chunk_rows, context, eval_phased_ttt, make_plan
 
 MODES = ("plain", "sliding", "ttt")
 REF_STEPS = 120  # a step budget, not a time cap: the checkpoint bench/quant.py measures does not depend on machine load
@@ -44,7 +46,8 @@ def run_mode(mode: str, model: tg.GPT, cfg: tg.Config, val: torch.Tensor, luts: 
     windows = max(1, cfg.val_batch_tokens // (tg.grad_accum_steps(cfg, 1) * L))
     ev = tg.EvalContext(luts, windows, rt.device, amp=rt.amp)
     if mode == "ttt":
-        return tg.eval_ttt(model, val, cfg, ev)[1]
+        make = lambda bsz, gen: tg.TTTAdapters(model, bsz, cfg.ttt_lora_rank, cfg.ttt_lora_alpha, gen)
+        return eval_phased_ttt(model, val, cfg, ev, make)[1]
     stride = L if mode == "plain" else cfg.eval_stride
     return tg.evaluate(model.forward_logits, val, L, stride, ev)[1]
 
@@ -64,19 +67,37 @@ def time_modes(cfg: tg.Config, artifact: Path, val: torch.Tensor, luts: tuple, r
     return out
 
 
-def report(run_dir: Path, cfg: tg.Config, summary: dict, res: dict[str, dict], n: int) -> str:
-    L, S, C = cfg.eval_seq_len, cfg.eval_stride, cfg.ttt_chunk_tokens
-    n_windows = {"plain": len(tg.window_starts(n, L, L)), "sliding": len(tg.window_starts(n, L, S))}
-    n_windows["ttt"] = n_windows["sliding"]
-    chunks = len(tg.ttt_chunks(n, L, S, C))
-    work = {"plain": "forward", "sliding": "forward", "ttt": f"forward + SGD on {chunks - 1} of {chunks} chunks"}
+def ttt_work(val: torch.Tensor, cfg: tg.Config) -> tuple[int, int, int, int]:
+    """(batches, chunk steps, rows run, positions run) of the phased TTT on val (one process, no padding)."""
+    plan = make_plan(val, cfg.ttt_batch_size, cfg.phased_ttt_prefix_docs, cfg.phased_ttt_num_phases)
+    C, W, steps, rows, positions = cfg.ttt_chunk_size, cfg.ttt_eval_seq_len, 0, 0, 0
+    for batch in plan.queue:
+        starts = torch.tensor([plan.docs[d][0] for d in batch])
+        preds = torch.tensor([plan.docs[d][1] - 1 for d in batch])
+        for ci in range(-(-int(preds.max()) // C)):
+            T = context(ci, C, W, False)
+            active = int(chunk_rows(val, starts, preds, ci, C, W, T).score.any(1).sum())
+            steps, rows, positions = steps + 1, rows + active, positions + len(batch) * T
+    return len(plan.queue), steps, rows, positions
+
+
+def report(run_dir: Path, cfg: tg.Config, summary: dict, res: dict[str, dict], val: torch.Tensor) -> str:
+    n, L, S = val.numel() - 1, cfg.eval_seq_len, cfg.eval_stride
+    batches, steps, ttt_rows, ttt_positions = ttt_work(val, cfg)
+    n_windows = {"plain": len(tg.window_starts(n, L, L)), "sliding": len(tg.window_starts(n, L, S)), "ttt": ttt_rows}
+    positions = {"plain": n_windows["plain"] * L, "sliding": n_windows["sliding"] * L, "ttt": ttt_positions}
+    work = {"plain": "forward", "sliding": "forward",
+            "ttt": f"forward + backward + AdamW on adapters, {steps:,} steps in {batches} batches; global SGD phases"}
     rows = []
     for mode in MODES:
         secs = res[mode]["seconds"]
-        rows.append([mode, f"{n_windows[mode]:,}", f"{n_windows[mode] * L:,}", work[mode], spread(secs, ".2f"),
+        rows.append([mode, f"{n_windows[mode]:,}", f"{positions[mode]:,}", work[mode], spread(secs, ".2f"),
                      f"{n / median(secs):,.0f}", f"{res[mode]['bpb']:.5f}"])
-    out = [f"Run `{run_dir.name}`: {n:,} val tokens, EVAL_SEQ_LEN={L}, EVAL_STRIDE={S}, TTT_CHUNK_TOKENS={C}, "
-           f"TTT_EPOCHS={cfg.ttt_epochs}, {len(res['plain']['seconds'])} rounds; quantized model (artifact reloaded).",
+    out = [f"Run `{run_dir.name}`: {n:,} val tokens, EVAL_SEQ_LEN={L}, EVAL_STRIDE={S}; phased TTT: "
+           f"TTT_CHUNK_SIZE={cfg.ttt_chunk_size}, TTT_EVAL_SEQ_LEN={cfg.ttt_eval_seq_len}, "
+           f"TTT_BATCH_SIZE={cfg.ttt_batch_size}, TTT_LORA_RANK={cfg.ttt_lora_rank}, "
+           f"{len(res['plain']['seconds'])} rounds, one process; quantized model (artifact reloaded). The TTT's "
+           "\"windows\" are its document rows (one per document and chunk step).",
            "",
            md_table(["mode", "windows", "positions run", "work", "seconds: median (range)", "val tokens/s", "val_bpb"],
                     rows, "llrlrrr")]
@@ -90,9 +111,9 @@ def report(run_dir: Path, cfg: tg.Config, summary: dict, res: dict[str, dict], n
     out += ["", md_table(["cost ratio (time)", "median of per-round ratios (range)"],
                          [["sliding / plain", ratio("sliding", "plain")], ["TTT / sliding", ratio("ttt", "sliding")],
                           ["TTT / plain", ratio("ttt", "plain")]], "lr"),
-            "", f"TTT scores chunk by chunk (≤ {max(len(c) for c in tg.ttt_chunks(n, L, S, C))} windows per forward), "
-            f"the sliding eval {max(1, cfg.val_batch_tokens // (tg.grad_accum_steps(cfg, 1) * L))} windows per forward, "
-            "so TTT − sliding is not exactly the cost of the SGD steps."]
+            "", f"TTT runs one forward and backward per chunk step of a batch (≤ {cfg.ttt_batch_size} document rows of "
+            f"≤ {cfg.ttt_eval_seq_len} tokens), the sliding eval "
+            f"{max(1, cfg.val_batch_tokens // (tg.grad_accum_steps(cfg, 1) * L))} windows per forward."]
     ledger = summary["time_ledger"]
     total = sum(row["seconds"] for row in ledger)
     rows = [[row["phase"], row["budget"], f"{row['seconds']:.1f}", f"{100 * row['seconds'] / total:.1f}%"]
@@ -138,15 +159,18 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError, KeyError) as e:
         print(f"bench/eval.py: {e}", file=sys.stderr)
         return 2
+    except TypeError as e:  # a run_summary.json of an older trainer (other config fields)
+        print(f"bench/eval.py: {summary_path}: {e}; train the run again with --retrain", file=sys.stderr)
+        return 2
     if args.val_tokens:
         usable = min(args.val_tokens, val.numel() - 1) // cfg.eval_seq_len * cfg.eval_seq_len
-        if usable < cfg.ttt_chunk_tokens:
-            p.error(f"--val-tokens must keep at least one TTT chunk ({cfg.ttt_chunk_tokens} tokens)")
+        if usable < cfg.eval_seq_len:
+            p.error(f"--val-tokens must keep at least one window ({cfg.eval_seq_len} tokens)")
         val = val[: usable + 1]
     summary = json.loads(summary_path.read_text())
     progress(f"eval bench: {args.repeats} rounds on {val.numel() - 1:,} val tokens ({cfg.eval_seq_len}-token windows)")
     res = time_modes(cfg, artifact, val, luts, args.repeats)
-    print(report(run_dir, cfg, summary, res, val.numel() - 1))
+    print(report(run_dir, cfg, summary, res, val))
     return 0
 
 

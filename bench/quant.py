@@ -528,15 +528,17 @@ def checkpoint_inputs(checkpoint: Path, summary: Path) -> CheckpointInputs:
     t = time.perf_counter()
     float_bpb = score(state)
     progress(f"float val_bpb {float_bpb:.5f} ({time.perf_counter() - t:.1f} s)")
-    qkw = dict(matrix_bits=cfg.matrix_bits, matrix_clip_sigmas=cfg.matrix_clip_sigmas, embed_bits=cfg.embed_bits,
-               embed_clip_sigmas=cfg.embed_clip_sigmas)
+    qkw = dict(matrix_bits=cfg.matrix_bits, embed_bits=cfg.embed_bits, embed_clip_sigmas=cfg.embed_clip_sigmas,
+               roles=bench_roles(state, cfg.passthrough_numel), attn_clip_sigmas=cfg.attn_clip_sigmas,
+               mlp_clip_sigmas=cfg.mlp_clip_sigmas)
     trained = run_summary.get("evals", {}).get("pre-quantization post-ema", {}).get("val_bpb")
     L = cfg.eval_seq_len
     desc = (f"Checkpoint `{checkpoint}`: {run_summary.get('steps')} steps of {cfg.num_layers}L x {cfg.model_dim}d "
             f"(vocab {cfg.vocab_size}), {run.data.val_tokens.numel() - 1:,} val tokens, plain eval at seq {L}; float "
             f"val_bpb {float_bpb:.5f} (the run logged {trained if trained is None else f'{trained:.5f}'}); the run's "
             f"own artifact: {run_summary.get('bytes_model', 0):,} bytes ({cfg.compressor}). SDClip k = "
-            f"{cfg.matrix_clip_sigmas:g} (matrices) / {cfg.embed_clip_sigmas:g} (embedding); Hessians from "
+            f"{cfg.attn_clip_sigmas:g} / {cfg.mlp_clip_sigmas:g} / {cfg.embed_clip_sigmas:g} (attention / MLP / embedding); "
+            f"Hessians from "
             f"{cfg.gptq_calibration_batches} calibration batches.")
     return CheckpointInputs(state, hessians, score, float_bpb, qkw, cfg.passthrough_numel, desc)
 

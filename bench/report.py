@@ -26,7 +26,7 @@ def benches() -> list[tuple[str, str, list[str]]]:
     """(section, title, command) in run order."""
     return [
         # as modules: run as a script, a bench puts bench/ first on sys.path, where bench/quant.py shadows quant/
-        ("eval", "Eval: plain, sliding-window and TTT throughput",
+        ("eval", "Eval: plain, sliding-window and phased TTT throughput",
          ["-m", "bench.eval", "--run", REF, "--retrain"]),
         ("quant", "Quantization: GPTQ vs round-to-nearest vs the baseline's int8 + zlib",
          ["-m", "bench.quant", "--checkpoint", f"{REF}/final_model.pt"]),

@@ -62,7 +62,8 @@ TINY_MODEL = dict(
 TINY_TRAIN = dict(
     **TINY_MODEL, train_batch_tokens=2048, grad_accum_steps=1, iterations=6, max_wallclock_seconds=0.0, warmup_steps=1,
     muon_momentum_warmup_steps=4, ema_decay=0.5, train_log_every=2, val_loss_every=0, val_batch_tokens=16384, eval_stride=32,
-    ttt_chunk_tokens=2048, ttt_epochs=1, gptq_calibration_batches=2, passthrough_numel=1024, compressor="brotli")
+    ttt_lora_rank=4, ttt_chunk_size=16, ttt_eval_seq_len=64, ttt_batch_size=4, ttt_lanes=2, phased_ttt_prefix_docs=8,
+    global_ttt_chunk_tokens=256, gptq_calibration_batches=2, passthrough_numel=1024, compressor="brotli")
 
 
 @dataclass(frozen=True)

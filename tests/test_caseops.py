@@ -428,3 +428,41 @@ def test_builtin_caseops_dataset_builds_offline_and_passes_the_audit(tmp_path: P
     assert "up to date" not in capsys.readouterr().out
     assert bpb_audit.main(["--data-dir", str(ds), "--tokenizer", str(model), "--seq-len", "256"]) == 0
     assert "PASS: sidecar" in capsys.readouterr().out
+
+
+# -----------------------------------------------------------------------------
+# a whole tiny run on the builtin CaseOps dataset: record N's eval and quantization, then the referees
+# -----------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_tiny_caseops_run_with_phased_ttt_lqer_int7_passes_legality_and_audit(tmp_path: Path, capsys) -> None:
+    import train_gpt
+    from conftest import TINY_TRAIN
+    from quant import load_artifact
+    from tools import check_legality
+
+    ds, model = builtin_corpus.ensure_builtin_dataset(tmp_path, vocab_size=512, num_val_docs=16, source="pydoc",
+                                                      caseops=True)
+    out = tmp_path / "run"
+    cfg = train_gpt.Config(**{**TINY_TRAIN, "ttt_chunk_size": 32}, data_path=str(ds), tokenizer_path=str(model),
+                           out_dir=str(out), run_id="caseops", seed=5)
+    assert cfg.ttt_enabled and cfg.lqer_enabled and cfg.embed_bits == 7  # record N's defaults, nothing switched on
+    summary = train_gpt.run(cfg, train_gpt.Runtime())
+    assert summary["final_label"] == "quantized_ttt_phased" and "quantized_sliding_window" in summary["evals"]
+    ttt = summary["evals"]["quantized_ttt_phased"]["val_bpb"]
+    assert 0 < ttt < summary["evals"]["quantized_sliding_window"]["val_bpb"]  # the TTT gains even at this size
+    qts = {qt.name: qt for qt in load_artifact(out / "final_model.int6.ptz")}
+    assert qts["tok_emb.weight"].bits == 7 and sum(qt.lqer is not None for qt in qts.values()) == 3
+    # the trainer counted bytes from the sidecar, and the audit's independent decode agrees with that sidecar
+    log = (out / "logs" / "caseops.txt").read_text()
+    total = int(re.search(r"^val_bytes: source:sidecar total:(\d+)$", log, re.M).group(1))
+    capsys.readouterr()
+    assert bpb_audit.main(["--data-dir", str(ds), "--tokenizer", str(model), "--seq-len", str(cfg.eval_seq_len)]) == 0
+    assert "PASS: sidecar" in capsys.readouterr().out
+    sp = spm.SentencePieceProcessor(model_file=str(model))
+    assert sidecar.audit_sidecar(ds, sp, cfg.eval_seq_len).scored_sidecar == total > 0
+    # the phased TTT on this artifact, with the run's own config (run_summary.json beside the artifact)
+    assert check_legality.main(["--artifact", str(out / "final_model.int6.ptz"), "--data-dir", str(ds),
+                                "--tokenizer", str(model), "--mode", "ttt"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1].startswith("PASS: all"), "\n".join(lines)

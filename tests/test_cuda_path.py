@@ -229,7 +229,8 @@ def test_bf16_pipeline_on_fa3_under_cuda_policy(tiny_dataset, tmp_path: Path) ->
         summary = train_gpt.run(cfg, rt)
     assert fa3.calls["flash_attn_varlen_func"] > 100  # training and every eval isolate documents
     assert summary["precision"] == "bf16" and summary["attention"] == "fa3"
-    assert set(summary["evals"]) == {"pre-quantization post-ema", "quantized", "quantized_sliding_window", "quantized_ttt"}
+    assert set(summary["evals"]) == {"pre-quantization post-ema", "quantized", "quantized_sliding_window",
+                                     "quantized_ttt_phased"}
     assert all(0 < e["val_bpb"] < 12 for e in summary["evals"].values())
     log = (tmp_path / "logs" / "bf16.txt").read_text()
     assert "attention:fa3 compile:False precision:bf16" in log
@@ -283,15 +284,16 @@ def test_compiled_pipeline_recompiles_within_limit(tiny_dataset, tmp_path: Path,
                  compile="1")
     try:
         summary = train_gpt.run(cfg, train_gpt.Runtime())
-        counts = {f.__name__: cache_entries(f) for f in (GPT.forward, GPT.forward_logits,
+        counts = {f.__name__: cache_entries(f) for f in (GPT.forward, GPT.forward_logits, train_gpt.ttt_forward,
                                                          train_gpt.zeropower_via_newtonschulz5)}
     finally:
         torch._dynamo.reset()
     limit = torch._dynamo.config.recompile_limit
     assert summary["steps"] == cfg.iterations and min(counts.values()) >= 1, counts
     # forward and forward_logits: looping off and on (the reloaded artifact's model shares the looped entry: the
-    # guards are on attributes, and every eval batch has one static shape). Newton-Schulz: one per matrix shape.
-    assert counts == {"forward": 2, "forward_logits": 2, "zeropower_via_newtonschulz5": 4}, counts
+    # guards are on attributes, and every eval batch has one static shape). The TTT forward: one per row length
+    # (TTT_EVAL_SEQ_LEN=64: 16, 32, 64; record N's 2048: 256..2048, four). Newton-Schulz: one per matrix shape.
+    assert counts == {"forward": 2, "forward_logits": 2, "ttt_forward": 3, "zeropower_via_newtonschulz5": 4}, counts
     assert max(counts.values()) <= limit // 2
 
 

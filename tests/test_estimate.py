@@ -146,7 +146,7 @@ def test_validation_table_from_one_calibration() -> None:
     assert abs(rows["N"]["steps_err"]) < 0.03  # predicted: N's features traced, not fitted
     assert rows["N"]["step_ms_pre"] == pytest.approx(96.0, rel=0.03)
     assert rows["N"]["step_ms_post"] == pytest.approx(141.0, rel=0.03)
-    assert rows["N"]["eval_s"] > 0  # phased TTT: not in the trainer yet, still outside 15% (docs/planner.md §5)
+    assert rows["N"]["eval_s"] > 0  # N's phased TTT, simulated from N's code: still outside 15% (docs/planner.md §5)
 
 
 @pytest.mark.slow

@@ -231,8 +231,8 @@ SAMPLE_VALUES = dict(  # one value per field name used by LOG_FORMATS, typed as 
     attention="fa3", compile=True, precision="bf16", seconds=12.5, ms=588047.0, label="quantized_ttt", k=3,
     step=4550, iterations=20000, val_loss=2.79180191, val_bpb=1.08079352, train_loss=2.8123, minutes=9.8, tok_s=6080000,
     frac=0.35, encoder="[0, 1, 2]", decoder="[3, 4]", allocated=39046, reserved=39070, done=40, wanted=64, limit=600.0,
-    codec="brotli", part="total", chunks=1238, lr=0.005, epochs=3, phase="quantized_ttt", budget="eval", train=599.9,
-    eval=487.5, source="sidecar", total=151074498)
+    codec="brotli", part="total", docs=50000, prefix=2000, suffix=48000, phases=3, boundaries=[666, 1333, 2000],
+    scored=704, phase="quantized_ttt_phased", budget="eval", train=599.9, eval=487.5, source="sidecar", total=151074498)
 
 
 @pytest.mark.parametrize("kind", sorted(set(train_gpt.LOG_FORMATS) - {"eval", "warmup", "source_file"}))

@@ -18,30 +18,38 @@ CONTRACT = re.compile(r"^dryrun: val_bpb=(\d+\.\d+) bytes_total=(\d+) limit=1600
 
 def test_tiny_run_summary(tiny_run) -> None:
     s = tiny_run.summary
-    assert list(s["evals"]) == ["pre-quantization post-ema", "quantized", "quantized_sliding_window", "quantized_ttt"]
-    assert s["final_label"] == "quantized_ttt" and s["final_val_bpb"] == s["evals"]["quantized_ttt"]["val_bpb"]
+    assert list(s["evals"]) == ["pre-quantization post-ema", "quantized", "quantized_sliding_window",
+                                "quantized_ttt_phased"]
+    final = s["evals"]["quantized_ttt_phased"]
+    assert s["final_label"] == "quantized_ttt_phased" and s["final_val_bpb"] == final["val_bpb"]
     assert s["bytes_model"] == (tiny_run.out_dir / "final_model.int6.ptz").stat().st_size
     assert s["bytes_total"] == s["bytes_code"] + s["bytes_model"] < 16_000_000
     assert {r["phase"] for r in s["time_ledger"]} >= {"train_loop", "gptq_hessians", "quantized_sliding_window",
-                                                      "quantized_ttt"}
+                                                      "quantized_ttt_phased"}
 
 
 def test_requantize_sweep(tiny_run, capsys) -> None:
     threads = torch.get_num_threads()
-    try:  # main() sets up the runtime like the trainer does (threads = cores), so restore them afterwards
-        rc = requantize.main(["--checkpoint", str(tiny_run.out_dir / "final_model.pt"), "--matrix-clip-sigmas", "6",
-                              "12.85", "--embed-bits", "8"])
-    finally:
-        torch.set_num_threads(threads)
-    out = capsys.readouterr().out
-    assert rc == 0, out
-    rows = [line.split() for line in out.splitlines() if re.match(r"^\s+6\s", line)]
-    assert len(rows) == 2
-    sizes = {float(r[1]): int(r[5].replace(",", "")) for r in rows}
+
+    def rows(*args: str) -> list[list[str]]:
+        try:  # main() sets up the runtime like the trainer does (threads = cores), so restore them afterwards
+            rc = requantize.main(["--checkpoint", str(tiny_run.out_dir / "final_model.pt"), *args])
+        finally:
+            torch.set_num_threads(threads)
+        out = capsys.readouterr().out
+        assert rc == 0, out
+        return [line.split() for line in out.splitlines() if re.match(r"^\s+6\s", line)]
+
+    swept = rows("--matrix-clip-sigmas", "6", "12.85", "--embed-bits", "8")
+    assert len(swept) == 2
+    sizes = {float(r[1]): int(r[5].replace(",", "")) for r in swept}
     assert sizes[6.0] > sizes[12.85]  # SDClip: a wider clip (coarser step) compresses smaller
-    # the run's own setting reproduces the trainer's quantized score (up to float32 reduction order: threads differ)
+    # the run's own settings (per-role sigmas, int7 embedding, LQER) reproduce the trainer's quantized score (up to
+    # float32 reduction order: threads differ)
+    own = rows()
+    assert len(own) == 1
     trained = tiny_run.summary["evals"]["quantized"]["val_bpb"]
-    assert float(next(r for r in rows if float(r[1]) == 12.85)[8]) == pytest.approx(trained, abs=1e-5)
+    assert float(own[0][8]) == pytest.approx(trained, abs=1e-5)
 
 
 def test_requantize_missing_checkpoint(tmp_path, capsys) -> None:

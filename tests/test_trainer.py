@@ -120,7 +120,8 @@ CONFIG_FIELDS = {  # adding a knob is a deliberate two-line edit: the field and 
     "adam_eps", "adam_wd", "attention", "beta1", "beta2", "compile", "compressor", "data_dir", "data_path", "ema_decay",
     "embed_bits", "embed_clip_sigmas", "embed_wd", "enable_looping_at", "eval_seq_len", "eval_stride",
     "gptq_calibration_batches", "gptq_reserve_seconds", "grad_accum_steps", "grad_clip_norm", "iterations",
-    "ln_scale", "logit_softcap", "loop_end", "loop_start", "matrix_bits", "matrix_clip_sigmas", "matrix_lr",
+    "ln_scale", "logit_softcap", "loop_end", "loop_start", "matrix_bits", "matrix_lr", "attn_clip_sigmas",
+    "mlp_clip_sigmas", "lqer_enabled", "lqer_rank", "lqer_top_k", "lqer_asym_group",
     "max_wallclock_seconds", "min_lr", "mlp_leaky_slope", "mlp_mult", "model_dim", "muon_backend_steps",
     "muon_momentum", "muon_momentum_warmup_start", "muon_momentum_warmup_steps", "muon_row_normalize", "muon_wd",
     "num_heads", "num_kv_heads", "num_layers", "num_loops", "out_dir", "parallel_residual_start", "passthrough_numel",
@@ -128,7 +129,9 @@ CONFIG_FIELDS = {  # adding a knob is a deliberate two-line edit: the field and 
     "sparse_attn_gate_scale", "doc_isolation", "train_loader", "muon_ns",
     "rope_base", "rope_dims", "run_id", "scalar_lr", "seed", "skip_gates_enabled", "sliding_window_enabled",
     "tied_embed_init_std", "tied_embed_lr", "tokenizer_path", "train_batch_tokens", "train_log_every",
-    "train_seq_len", "ttt_chunk_tokens", "ttt_enabled", "ttt_epochs", "ttt_lr", "ttt_momentum", "val_batch_tokens",
+    "train_seq_len", "ttt_enabled", "ttt_lora_rank", "ttt_lora_alpha", "ttt_lora_lr", "ttt_beta1", "ttt_beta2",
+    "ttt_weight_decay", "ttt_chunk_size", "ttt_eval_seq_len", "ttt_batch_size", "ttt_lanes", "phased_ttt_prefix_docs",
+    "phased_ttt_num_phases", "global_ttt_lr", "global_ttt_momentum", "global_ttt_chunk_tokens", "val_batch_tokens",
     "val_loss_every", "vocab_size", "warmdown_frac", "warmup_steps", "xsa_last_n",
 }
 
@@ -162,7 +165,7 @@ def test_from_env_bad_value_is_a_clear_error(key: str, raw: str, typ: str) -> No
 
 
 @pytest.mark.parametrize("typo, field", [("MODEL_DIMS", "MODEL_DIM"), ("NUM_LAYER", "NUM_LAYERS"),
-                                         ("TTT_EPOCH", "TTT_EPOCHS"), ("WARMDOWN_FRACS", "WARMDOWN_FRAC")])
+                                         ("TTT_LORA_RANKS", "TTT_LORA_RANK"), ("WARMDOWN_FRACS", "WARMDOWN_FRAC")])
 def test_from_env_near_miss_suggests_the_field(typo: str, field: str) -> None:
     with pytest.raises(ValueError, match=f"unknown config env var {typo}; did you mean {field}\\?"):
         Config.from_env({typo: "1"})
@@ -188,6 +191,8 @@ def test_from_env_ignores_unrelated_env_vars() -> None:
     (dict(num_layers=4, loop_start=3, loop_end=5), "loop span 3..5 outside 4 layers"),
     (dict(train_seq_len=1000), "TRAIN_BATCH_TOKENS must be a multiple of TRAIN_SEQ_LEN"),
     (dict(compressor="gzip"), "COMPRESSOR='gzip'"),
+    (dict(ttt_chunk_size=4096), "TTT_CHUNK_SIZE must be in 1..TTT_EVAL_SEQ_LEN"),
+    (dict(global_ttt_chunk_tokens=1000), "GLOBAL_TTT_CHUNK_TOKENS must be a multiple of EVAL_SEQ_LEN"),
 ])
 def test_invalid_combinations_raise(kwargs: dict, msg: str) -> None:
     with pytest.raises(ValueError, match=re.escape(msg)):
@@ -224,14 +229,12 @@ def test_muon_momentum_warmup() -> None:
 
 def test_schedule_as_data() -> None:
     """Record P's numbers: 600 s - 12 s reserve = 588,000 ms (record N: 8 s, 592,000 ms); progress from time; looping
-    from 35% on, never off; TTT LR cosine from 0.005 to 0 over 1,238 chunks; calibration gets what the loop left."""
+    from 35% on, never off; calibration gets what the loop left."""
     s = Schedule(Config(gptq_reserve_seconds=12.0))
     assert s.cap_ms == 588_000.0 and Schedule(Config()).cap_ms == 592_000.0
     assert s.frac(10, 294_000.0) == 0.5
     assert [s.looping(f) for f in (0.0, 0.3499, 0.35, 0.99)] == [False, False, True, True]
     assert not Schedule(Config(num_loops=0)).looping(0.9)
-    assert s.ttt_lr(0, 1238) == 0.005 and s.ttt_lr(1237, 1238) == pytest.approx(0.0, abs=1e-12)
-    assert s.ttt_lr(618, 1237) == pytest.approx(0.0025)
     assert s.calibration_seconds(588_047.0) == pytest.approx(11.953)
     uncapped = Schedule(Config(max_wallclock_seconds=0, iterations=200))
     assert uncapped.cap_ms == 0 and uncapped.frac(50, 1e9) == 0.25 and uncapped.calibration_seconds(1e9) == math.inf
@@ -468,7 +471,8 @@ def test_wallclock_capped_run(tiny_dataset, tmp_path: Path) -> None:
     sources = framed_sources(raw)
     assert list(sources)[0] == "train_gpt.py"  # the log opens with the exact code that ran, file by file
     quant_files = [f"quant/{p.name}" for p in sorted((ROOT / "quant").glob("*.py")) if p.name != "__main__.py"]
-    expected = ["train_gpt.py", "data/__init__.py", "data/shards.py", *quant_files]  # every file the run executes counts
+    evals_files = [f"evals/{p.name}" for p in sorted((ROOT / "evals").glob("*.py"))]
+    expected = ["train_gpt.py", "data/__init__.py", "data/shards.py", *evals_files, *quant_files]  # every file that runs
     assert sorted(sources) == sorted(expected)
     for name, body in sources.items():
         assert body == (ROOT / name).read_bytes(), name
@@ -523,8 +527,15 @@ def test_every_record_n_env_name_maps_to_a_field_or_fails_clearly() -> None:
     cfg = Config.from_env({"PARALLEL_START_LAYER": "9", "SPARSE_ATTN_GATE_SCALE": "0.5", "TIE_EMBEDDINGS": "1",
                            "PARALLEL_FINAL_LANE": "mean", "FUSED_CE_ENABLED": "0", "SPARSE_ATTN_GATE_INIT_STD": "0.0"})
     assert (cfg.parallel_residual_start, cfg.sparse_attn_gate_scale) == (9, 0.5)
-    for key, value, match in (("FUSED_CE_ENABLED", "1", "no fused Triton kernel"), ("LQER_ENABLED", "1", "LQER"),
-                              ("PHASED_TTT_NUM_PHASES", "3", "phased LoRA TTT"), ("EMBED_LR", "0.6", "TIED_EMBED_LR"),
+    # record N's own values of its phased-TTT and LQER switches pgolf fixes are accepted (its record env, its defaults)
+    assert Config.from_env({"TTT_GRAD_STEPS": "1", "TTT_OPTIMIZER": "adam", "TTT_EVAL_BATCHES": "", "TTT_K_LORA": "1",
+                            "GLOBAL_TTT_GRAD_CLIP": "1.0", "GLOBAL_TTT_BATCH_SEQS": "32", "VAL_DOC_FRACTION": "1.0",
+                            "GLOBAL_TTT_WARMUP_START_LR": "0.0", "TTT_WARM_START_A": "1", "PREQUANT_ONLY": "0",
+                            "PHASED_TTT_NUM_PHASES": "3", "TTT_LORA_ALPHA": "144", "LQER_FACTOR_BITS": "4",
+                            "LQER_ASYM_ENABLED": "1", "LQER_ENABLED": "1", "MLP_CLIP_SIGMAS": "12.0"}) == Config()
+    for key, value, match in (("FUSED_CE_ENABLED", "1", "no fused Triton kernel"),
+                              ("MATRIX_CLIP_SIGMAS", "11", "ATTN_CLIP_SIGMAS"), ("LQER_FACTOR_BITS", "2", "INT4"),
+                              ("TTT_GRAD_STEPS", "2", "record N's setting"), ("EMBED_LR", "0.6", "TIED_EMBED_LR"),
                               ("PARALLEL_FINAL_LANE", "last", "their mean")):
         with pytest.raises(ValueError, match=f"^{key}={value}: .*{match}"):
             Config.from_env({key: value})
@@ -542,3 +553,16 @@ def test_train_loader_follows_config_and_calibration_reads_shuffled_windows(tiny
     monkeypatch.setattr(packed, "make_loader", lambda kind=None: kinds.append(kind) or shuffled.make_loader())
     packed.calibrate(seconds=60.0)
     assert kinds == ["shuffled"]
+
+
+def test_artifact_has_record_n_quantization(tiny_run) -> None:
+    """The run's artifact: int7 embedding, int6 attention/MLP matrices, LQER corrections on the top 3 residuals (the
+    trainer's defaults are record N's), and quant roles assigned to every block matrix by module, not by name rules."""
+    from quant import load_artifact
+    qts = {qt.name: qt for qt in load_artifact(tiny_run.out_dir / "final_model.int6.ptz")}
+    assert qts["tok_emb.weight"].bits == 7
+    assert {qt.bits for n, qt in qts.items() if n.startswith("blocks.") and qt.kind == "gptq"} == {6}
+    assert sum(qt.lqer is not None for qt in qts.values()) == 3
+    roles = train_gpt.quant_roles(GPT(Config(**TINY)))
+    assert roles["blocks.0.attn.proj.weight"] == "attn" and roles["blocks.3.mlp.proj.weight"] == "mlp"
+    assert set(roles.values()) == {"embed", "attn", "mlp"} and len(roles) == 1 + 6 * TINY["num_layers"]

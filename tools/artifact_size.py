@@ -67,8 +67,9 @@ def gaussian_code_entropy(bits: int, clip_sigmas: float) -> float:
 
 def quant_layout(cfg: train_gpt.Config) -> dict[str, dict[str, float]]:
     """How quant/ stores each class of tensor: 2-D tensors above PASSTHROUGH_NUMEL elements become codes (embedding
-    at EMBED_BITS, the rest at MATRIX_BITS) plus one fp16 scale per row; everything else is fp16 passthrough."""
-    out = {"matrix": dict(bits=cfg.matrix_bits, clip_sigmas=cfg.matrix_clip_sigmas, codes=0, scales=0),
+    at EMBED_BITS, the rest at MATRIX_BITS, with the attention or MLP clip sigmas: the matrix class's entropy is their
+    code-weighted mean) plus one fp16 scale per row; everything else is fp16 passthrough. LQER's few KB are left out."""
+    out = {"matrix": dict(bits=cfg.matrix_bits, codes=0, scales=0, entropy_sum=0.0),
            "embedding": dict(bits=cfg.embed_bits, clip_sigmas=cfg.embed_clip_sigmas, codes=0, scales=0),
            "passthrough": dict(values=0)}
     for name, shape in model_params(cfg).items():
@@ -79,10 +80,14 @@ def quant_layout(cfg: train_gpt.Config) -> dict[str, dict[str, float]]:
             cls = out["embedding" if name == EMBED_NAME else "matrix"]
             cls["codes"] += n
             cls["scales"] += shape[0]
+            if name != EMBED_NAME:
+                sigmas = cfg.attn_clip_sigmas if ".attn." in name else cfg.mlp_clip_sigmas
+                cls["entropy_sum"] += n * gaussian_code_entropy(cfg.matrix_bits, sigmas)
     for cls in ("matrix", "embedding"):
         c = out[cls]
         c["raw_bytes"] = c["codes"] * c["bits"] / 8 + 2 * c["scales"]
-        c["entropy_bits"] = gaussian_code_entropy(c["bits"], c["clip_sigmas"])
+        c["entropy_bits"] = (c.pop("entropy_sum") / max(1, c["codes"]) if cls == "matrix"
+                             else gaussian_code_entropy(c["bits"], c["clip_sigmas"]))
     out["passthrough"]["raw_bytes"] = 2 * out["passthrough"]["values"]
     return out
 
@@ -91,9 +96,9 @@ def record_p_config() -> train_gpt.Config:
     """Record P's quantization-relevant settings (the size calibration point), pinned against default drift."""
     return dataclasses.replace(train_gpt.Config(), vocab_size=8192, num_layers=11, model_dim=512, num_heads=8,
                                num_kv_heads=4, mlp_mult=4.0, num_loops=2, loop_start=3, loop_end=5,
-                               skip_gates_enabled=True, matrix_bits=6, matrix_clip_sigmas=12.85, embed_bits=8,
-                               embed_clip_sigmas=20.0, passthrough_numel=65_536, parallel_lanes=1,
-                               smear_gate_enabled=False, sparse_attn_gate_enabled=False)
+                               skip_gates_enabled=True, matrix_bits=6, attn_clip_sigmas=12.85, mlp_clip_sigmas=12.85,
+                               embed_bits=8, embed_clip_sigmas=20.0, passthrough_numel=65_536, parallel_lanes=1,
+                               smear_gate_enabled=False, sparse_attn_gate_enabled=False, lqer_enabled=False)
 
 
 def size_calibration() -> dict[str, float]:

@@ -79,12 +79,14 @@ def render(r: dict, gpus: int) -> str:
     out.append(f"  steps {tr['steps']:,.0f} ({tr['steps_pre']:,.0f} + {tr['steps_post']:,.0f} looped), "
                f"{tr['tokens'] / 1e9:.2f} B tokens" + (f"; logged {', '.join(map(str, lg['steps']))}" if lg else ""))
     out.append("\n5. eval")
-    if "sliding_s" in ev:
-        out.append(f"  sliding {ev['sliding_s']:.1f} s ({ev['windows']:,} windows), TTT {ev['ttt_s']:.1f} s "
-                   f"(score {ev['ttt_score_s']:.1f} + adapt {ev['ttt_adapt_s']:.1f}, {ev['ttt_chunks']:,} chunks)")
+    if "ttt_chunks" in ev:
+        out.append(f"  sliding {ev['sliding_s']:.1f} s ({ev['windows']:,} windows)" + (
+            f", record P's chunk TTT {ev['ttt_s']:.1f} s (score {ev['ttt_score_s']:.1f} + adapt "
+            f"{ev['ttt_adapt_s']:.1f}, {ev['ttt_chunks']:,} chunks)" if ev["ttt_chunks"] else ""))
     elif "batches" in ev:
-        out.append(f"  phased TTT {ev['total_s']:.1f} s: {ev['batches']} batches, {ev['steps']:,} chunk steps, "
-                   f"global phases {', '.join(f'{s:.1f}' for s in ev['global_phase_s'])} s")
+        out.append((f"  sliding {ev['sliding_s']:.1f} s, " if "sliding_s" in ev else "  ")
+                   + f"phased TTT {ev['total_s'] - ev.get('sliding_s', 0.0):.1f} s: {ev['batches']} batches, "
+                   f"{ev['steps']:,} chunk steps, global phases {', '.join(f'{s:.1f}' for s in ev['global_phase_s'])} s")
     out.append(f"  total {ev['total_s']:.1f} s of {train_gpt.TIME_LIMIT_SECONDS:g} s"
                + (f"; logged {lg['eval_s']}" if lg and lg["eval_s"] else ""))
     k = r["constants"]

@@ -1,5 +1,6 @@
 """The legality checks of tools/check_legality.py as a library: issue #1017's four conditions tested by perturbation
-on the trainer's own eval path (train_gpt.score_windows / eval_ttt). The command's docstring describes each check."""
+on the trainer's own eval paths (train_gpt.score_windows; evals.phased_ttt.eval_phased_ttt). The command's docstring
+describes each check."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import torch
 from torch import Tensor
 
 import train_gpt
+from data.shards import BOS_ID
+from evals import phased_ttt
 
 EvalFn = Callable[[Tensor], tuple[Tensor, Tensor]]  # tokens -> (float64 loss per target, times each was scored)
 Scored = tuple[Tensor, Tensor]  # (target indices [K], the logits they were scored from [K, vocab])
@@ -48,6 +51,17 @@ def perturb_after(tokens: Tensor, k: int, vocab_size: int, seed: int) -> Tensor:
     return out
 
 
+def perturb_targets(tokens: Tensor, targets: Tensor, vocab_size: int, seed: int) -> Tensor:
+    """A copy of tokens with the token each given target predicts (tokens[t+1]) replaced by a uniform random id
+    other than BOS; BOS tokens stay, so the documents (and the phased TTT's schedule built from them) are kept."""
+    out = tokens.clone()
+    pos = targets + 1
+    pos = pos[tokens[pos] != BOS_ID]
+    ids = torch.randint(0, vocab_size - 1, (len(pos),), generator=torch.Generator().manual_seed(seed), dtype=tokens.dtype)
+    out[pos] = ids + (ids >= BOS_ID).to(ids.dtype)
+    return out
+
+
 def same_bits(a: Tensor, b: Tensor) -> Tensor:
     """Elementwise bit equality of float64 tensors (NaN == NaN, 0.0 != -0.0)."""
     return a.double().view(torch.int64) == b.double().view(torch.int64)
@@ -66,15 +80,21 @@ def check_single_pass(hits: Tensor, num_targets: int, mode: str) -> Row:
 
 
 def check_causal(eval_fn: EvalFn, tokens: Tensor, base_nll: Tensor, k: int, label: str, vocab_size: int,
-                 seed: int, mode: str, name: str) -> Row:
-    """C1 (and C3 for adaptive evals): losses of targets j < k are bit-identical after perturbing tokens > k."""
+                 seed: int, mode: str, name: str, order: Tensor | None = None) -> Row:
+    """C1 (and C3 for adaptive evals): losses of targets j < k are bit-identical after perturbing tokens > k. With
+    `order` (every target index in the order an adaptive eval scores them), k is a position in that order: the
+    targets order[k:] get new target tokens (BOS kept) and the losses of order[:k] must be bit-identical."""
     cut = f"{k} ({label})" if label else str(k)
-    nll, _ = eval_fn(perturb_after(tokens, k, vocab_size, seed + k))
-    same = same_bits(nll, base_nll)
+    if order is None:
+        nll, _ = eval_fn(perturb_after(tokens, k, vocab_size, seed + k))
+        order = torch.arange(tokens.numel() - 1)
+    else:
+        nll, _ = eval_fn(perturb_targets(tokens, order[k:], vocab_size, seed + k))
+    same = same_bits(nll, base_nll)[order]
     before, after = same[:k], same[k:]
     changed_later = int((~after).sum())
     if not bool(before.all()):
-        j = int(torch.nonzero(~before)[0])
+        j = int(order[torch.nonzero(~before)[0]])
         diff = abs(float(nll[j]) - float(base_nll[j]))
         why = "a score used a later token or an update that saw one" if "C3" in name else "a score saw a later token"
         return Row(name, mode, cut, False, f"{int((~before).sum())} of {k} targets before the cut changed "
@@ -109,15 +129,16 @@ def check_normalized(scored: list[Scored], tokens: Tensor, nll: Tensor, vocab_si
 
 
 def check_eval(eval_fn: EvalFn, tokens: Tensor, cuts: list[tuple[str, int]], vocab_size: int, mode: str,
-               seed: int = 0, probe_fn: ProbeFn | None = None,
-               progress: Callable[[str], None] | None = None) -> list[Row]:
+               seed: int = 0, probe_fn: ProbeFn | None = None, progress: Callable[[str], None] | None = None,
+               order: Tensor | None = None) -> list[Row]:
     """All four checks for one eval callable. probe_fn (C2) runs right after the unperturbed eval, so an adaptive
-    eval can recompute with the state that run left behind."""
+    eval can recompute with the state that run left behind. order: the adaptive eval's processing order of the
+    targets (check_causal); cuts are then positions in it."""
     name = "C1+C3 score-first" if mode == "ttt" else "C1 causality"
     n = tokens.numel() - 1
     try:
         nll, hits = eval_fn(tokens)
-    except RuntimeError as e:  # evaluate / eval_ttt refuse a wrong target count
+    except RuntimeError as e:  # evaluate / eval_phased_ttt refuse a wrong target count
         return [Row("C4 single pass", mode, "-", False, f"eval raised: {str(e).splitlines()[0]}")]
     rows = [check_single_pass(hits, n, mode)]
     if probe_fn is not None:
@@ -125,7 +146,7 @@ def check_eval(eval_fn: EvalFn, tokens: Tensor, cuts: list[tuple[str, int]], voc
     for i, (label, k) in enumerate(cuts):
         if progress:
             progress(f"{mode}: cut {i + 1}/{len(cuts)} at {k}")
-        rows.append(check_causal(eval_fn, tokens, nll, k, label, vocab_size, seed, mode, name))
+        rows.append(check_causal(eval_fn, tokens, nll, k, label, vocab_size, seed, mode, name, order))
     return rows
 
 
@@ -174,53 +195,91 @@ class SlidingEval:
         return window_logits(self.model.forward_logits, tokens, pick, self.cfg.eval_seq_len, self.cfg.eval_stride)
 
 
-class TTTEval:
-    """train_gpt.eval_ttt on a fresh model per run (TTT changes the weights); keeps the last run's model."""
+class PhasedTTTEval:
+    """evals.phased_ttt.eval_phased_ttt on a fresh model per run (its global phases change the weights), on one
+    process, with per-target outputs; order() is the processing order its cuts refer to."""
 
     def __init__(self, load_model: Callable[[], train_gpt.GPT], cfg: train_gpt.Config,
-                 luts: tuple[Tensor, Tensor, Tensor], batch_windows: int):
-        self.load_model, self.cfg, self.luts, self.batch_windows = load_model, cfg, luts, batch_windows
-        self.model: train_gpt.GPT | None = None
+                 luts: tuple[Tensor, Tensor, Tensor]):
+        self.load_model, self.cfg, self.luts = load_model, cfg, luts
         self.results: list[tuple[float, float]] = []
 
     def __call__(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
         nll, hits = _buffers(tokens.numel() - 1)
-        self.model = self.load_model()
-        self.results.append(train_gpt.eval_ttt(self.model, tokens, self.cfg,
-                                               train_gpt.EvalContext(self.luts, self.batch_windows), nll_out=nll,
-                                               hits_out=hits))
+        model, c = self.load_model(), self.cfg
+        adapters = lambda bsz, gen: train_gpt.TTTAdapters(model, bsz, c.ttt_lora_rank, c.ttt_lora_alpha, gen)
+        self.results.append(phased_ttt.eval_phased_ttt(model, tokens, c, train_gpt.EvalContext(self.luts, 1), adapters,
+                                                       nll_out=nll, hits_out=hits))
         return nll, hits
 
+    def order(self, tokens: Tensor) -> Tensor:
+        return phased_ttt.processing_order(tokens, self.cfg)
+
     def probe(self, tokens: Tensor) -> list[Scored]:
-        """Chunk 0 with the artifact's weights (nothing trained yet) and the last chunk with the weights the run
-        left, which are the ones that scored it (the last chunk is never trained on)."""
-        L, S, C = self.cfg.eval_seq_len, self.cfg.eval_stride, self.cfg.ttt_chunk_tokens
-        chunks = train_gpt.ttt_chunks(tokens.numel() - 1, L, S, C)
-        assert self.model is not None, "probe() needs a finished run"
-        out = window_logits(self.load_model().forward_logits, tokens, np.unique(chunks[0][[0, -1]]), L, S)
-        if len(chunks) > 1:
-            out += window_logits(self.model.forward_logits, tokens, np.unique(chunks[-1][[0, -1]]), L, S)
+        """The first step (first batch, chunk 0 of its documents): scored with the artifact's weights, since nothing
+        is trained before it and fresh adapters add exactly 0; each document's window recomputed alone."""
+        c = self.cfg
+        plan = phased_ttt.make_plan(tokens, c.ttt_batch_size, c.phased_ttt_prefix_docs, c.phased_ttt_num_phases)
+        batch, model, out = plan.queue[0], self.load_model(), []
+        for d in batch:
+            start, length = plan.docs[d]
+            rows = phased_ttt.chunk_rows(tokens, torch.tensor([start]), torch.tensor([length - 1]), 0, c.ttt_chunk_size,
+                                         c.ttt_eval_seq_len, phased_ttt.context(0, c.ttt_chunk_size, c.ttt_eval_seq_len,
+                                                                                False))
+            with torch.no_grad():
+                logits = model.forward_logits(rows.x)[0].float()
+            out.append((rows.target[0][rows.score[0]], logits[rows.score[0]]))
         return out
 
 
-def default_cuts(num_targets: int, seq_len: int, stride: int, chunk_tokens: int, mode: str) -> list[tuple[str, int]]:
-    """Four cuts per mode (each costs one full eval run) on the edges where an off-by-one leak would show. Every
-    window ends on a multiple of stride, so a cut there (or one before) cannot see a leak inside a window, such as
-    a lost causal mask: each mode also gets cuts off the stride grid."""
-    num_chunks = -(-num_targets // chunk_tokens)
-    mid_chunk = (num_chunks - 1) // 2 * chunk_tokens + min(chunk_tokens, num_targets) // 2 + stride // 2 + 1
-    window_end = ("window end", seq_len + 3 * stride)  # also a stride boundary: window 3's scored span ends here
-    candidates = {
-        "sliding": [("inside first window", seq_len // 2 + 1), ("first window end", seq_len), window_end,
-                    ("mid-chunk", mid_chunk)],
-        "ttt": [window_end, ("mid-chunk", mid_chunk), ("chunk boundary-1", chunk_tokens - 1),
-                ("chunk boundary+1", chunk_tokens + 1)],
-    }[mode]
+def ttt_cuts(tokens: Tensor, cfg: train_gpt.Config) -> list[tuple[str, int]]:
+    """Cuts in the phased TTT's processing order (each costs one full run) where a leak would show: inside the first
+    step (an update before its score), the first target of the next chunk (an update that saw the chunk after),
+    the first target of the second batch, and inside the first step after the first global phase (a phase that
+    trained on documents not yet scored)."""
+    c = cfg
+    plan = phased_ttt.make_plan(tokens, c.ttt_batch_size, c.phased_ttt_prefix_docs, c.phased_ttt_num_phases)
+    steps: list[list[int]] = []  # targets scored per step, per batch
+    for batch in plan.queue:
+        starts = torch.tensor([plan.docs[d][0] for d in batch])
+        preds = torch.tensor([plan.docs[d][1] - 1 for d in batch])
+        steps.append([int(r.score.sum()) for r in (phased_ttt.chunk_rows(
+            tokens, starts, preds, ci, c.ttt_chunk_size, c.ttt_eval_seq_len,
+            phased_ttt.context(ci, c.ttt_chunk_size, c.ttt_eval_seq_len, False))
+            for ci in range(-(-int(preds.max()) // c.ttt_chunk_size)))])
+    def mid_chunk(q: int) -> int:  # the middle of slot 0's first chunk in batch q (slot 0's targets come first)
+        return min(c.ttt_chunk_size, plan.docs[plan.queue[q][0]][1] - 1) // 2 + 1
+
+    candidates = [("first step, mid-chunk", mid_chunk(0)), ("next chunk", steps[0][0])]
+    if len(steps) > 1:
+        candidates.append(("second batch", sum(steps[0])))
+    scored, done = 0, 0
+    for r0 in range(0, len(plan.queue), c.ttt_lanes):
+        done += sum(sum(s) for s in steps[r0 : r0 + c.ttt_lanes])
+        scored += sum(len(b) for b in plan.queue[r0 : r0 + c.ttt_lanes])
+        if plan.boundaries and scored >= plan.boundaries[0]:
+            if r0 + c.ttt_lanes < len(plan.queue):
+                candidates.append(("after phase 1, mid-chunk", done + mid_chunk(r0 + c.ttt_lanes)))
+            break
+    return _in_range(candidates, tokens.numel() - 1)
+
+
+def _in_range(candidates: list[tuple[str, int]], num_targets: int) -> list[tuple[str, int]]:
+    """The candidate cuts inside 1..num_targets-1, one label per position, sorted."""
     seen: dict[int, str] = {}
     for label, k in candidates:
         if 1 <= k <= num_targets - 1 and k not in seen:
             seen[k] = label
     return [(label, k) for k, label in sorted(seen.items())]
+
+
+def default_cuts(num_targets: int, seq_len: int, stride: int) -> list[tuple[str, int]]:
+    """Four sliding-window cuts (each costs one full eval run) on the edges where an off-by-one leak would show.
+    Every window ends on a multiple of stride, so a cut there (or one before) cannot see a leak inside a window,
+    such as a lost causal mask: two cuts are off that grid."""
+    return _in_range([("inside first window", seq_len // 2 + 1), ("first window end", seq_len),
+                      ("window end", seq_len + 3 * stride),  # also a stride boundary: window 3's scored span ends here
+                      ("mid-stream", num_targets // 2 // stride * stride + stride // 2 + 1)], num_targets)
 
 
 # -----------------------------------------------------------------------------

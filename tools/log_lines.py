@@ -21,7 +21,8 @@ NUMBER = re.compile(rf"^(?:{F})$")
 # field name -> pattern, where the generic rule (float spec -> number, else lazy text) is not precise enough
 FIELD_PATTERNS = {
     "step": r"\d+", "iterations": r"\d+", "n": r"\d+", "k": r"\d+", "world_size": r"\d+", "accum": r"\d+",
-    "allocated": r"\d+", "reserved": r"\d+", "chunks": r"\d+", "epochs": r"\d+", "done": r"\d+", "wanted": r"\d+",
+    "allocated": r"\d+", "reserved": r"\d+", "done": r"\d+", "wanted": r"\d+", "docs": r"\d+", "prefix": r"\d+",
+    "suffix": r"\d+", "phases": r"\d+", "scored": r"\d+",
     "vocab": r"\d+", "cpus": r"\d+", "sha256": r"[0-9a-f]{64}", "name": r"\S+", "phase": r"\S+", "budget": r"\S+",
     "codec": r"\S+", "part": r"[a-z]+", "device": r"\S+", "attention": r"\S+", "compile": r"\S+", "precision": r"\S+",
 }

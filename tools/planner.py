@@ -103,9 +103,10 @@ class Profile:
     cfg: train_gpt.Config
     features: frozenset[str]
     val_tokens: int
-    eval_kind: str  # "sliding_ttt" (P), "phased_ttt" (N), "none" (B: a 1.4 s roundtrip eval)
+    eval_kind: str  # "sliding_ttt" (P: sliding + its chunk TTT), "phased_ttt" (N), "none" (B: a 1.4 s roundtrip eval)
     logged: Logged | None = None
-    phased: dict[str, int] = field(default_factory=dict)  # N's phased TTT settings
+    phased: dict[str, int] = field(default_factory=dict)  # the phased TTT's settings (N's, or the config's)
+    chunk_ttt: dict[str, int] = field(default_factory=dict)  # record P's own chunk TTT (not pgolf's code any more)
 
     def __post_init__(self) -> None:
         unknown = sorted(self.features - set(FEATURES))
@@ -125,10 +126,13 @@ def _record_config(path: Path) -> train_gpt.Config:
 
 
 def record_p() -> Profile:
-    """Record P (PR #1493): configs/record_p.env through Config.from_env; pgolf's code is P's."""
+    """Record P (PR #1493): configs/record_p.env through Config.from_env; pgolf's code is P's model. Its eval is the
+    sliding window plus P's own score-first chunk TTT (3 epochs of SGD per 32,768-token chunk), which pgolf's trainer
+    no longer has (TTT_ENABLED=0 in the env file): priced from workcount.chunk_sgd_epoch."""
     cfg = _record_config(P_ENV_FILE)
     return Profile("P", "record P (PR #1493, 1.0810)", cfg, frozenset(), 40_540_160, "sliding_ttt",
-                   Logged((4550, 4557, 4555), 102.0, 151.0, {"sliding": (121.0, 93.8), "ttt": (366.5, 368.1, 318.0)}))
+                   Logged((4550, 4557, 4555), 102.0, 151.0, {"sliding": (121.0, 93.8), "ttt": (366.5, 368.1, 318.0)}),
+                   chunk_ttt=dict(chunk=32_768, epochs=3))
 
 
 def record_b() -> Profile:
@@ -168,10 +172,12 @@ VAL_TOKENS = {"fineweb10B_sp8192": 40_540_160, "fineweb10B_sp8192_lossless_caps_
 
 def custom_profile(cfg: train_gpt.Config) -> Profile:
     """A config to plan (env vars through Config.from_env): pgolf's trainer as it is (every model feature traced, no
-    factors), its eval (sliding windows and score-first TTT)."""
+    factors), its eval (sliding windows and the phased TTT, each when enabled)."""
     val = VAL_TOKENS.get(cfg.dataset_dir.name, VAL_TOKENS["fineweb10B_sp8192"])
-    return Profile("config", "this config", cfg, frozenset(), val, "sliding_ttt" if cfg.ttt_enabled or
-                   cfg.sliding_window_enabled else "none")
+    kind = "phased_ttt" if cfg.ttt_enabled else "sliding_ttt" if cfg.sliding_window_enabled else "none"
+    return Profile("config", "this config", cfg, frozenset(), val, kind, phased=dict(
+        batch=cfg.ttt_batch_size, chunk=cfg.ttt_chunk_size, seq=cfg.ttt_eval_seq_len, lora_rank=cfg.ttt_lora_rank,
+        prefix_docs=cfg.phased_ttt_prefix_docs, phases=cfg.phased_ttt_num_phases, global_chunk=cfg.global_ttt_chunk_tokens))
 
 
 # -----------------------------------------------------------------------------
@@ -370,8 +376,8 @@ def _score_work(cfg: train_gpt.Config, batch: int) -> Work:
 
 
 @lru_cache(maxsize=8)
-def _adapt_work(cfg: train_gpt.Config, world_size: int) -> Work:
-    return wc.trace_ttt_adapt_step(cfg, 0, world_size, eval_attention(cfg))
+def _adapt_work(cfg: train_gpt.Config, world_size: int, chunk_tokens: int) -> Work:
+    return wc.trace_ttt_adapt_step(cfg, 0, world_size, chunk_tokens, eval_attention(cfg))
 
 
 EVAL_BATCH_WINDOWS = 32
@@ -384,10 +390,10 @@ def score_batch_seconds(p: Profile, k: Constants) -> float:
     return k.eval_slow * work_seconds(w, k)["total"]
 
 
-def ttt_adapt_seconds(p: Profile, k: Constants, world_size: int = 8) -> float:
-    """One SGD step of P's TTT on one rank: eager, so the slower of the GPU's kernels and the host's dispatch;
-    then one all-reduce per parameter tensor."""
-    w = _adapt_work(p.cfg, world_size)
+def ttt_adapt_seconds(p: Profile, k: Constants, chunk_tokens: int, world_size: int = 8) -> float:
+    """One SGD step on a chunk on one rank (P's TTT, N's global phases): eager, so the slower of the GPU's kernels
+    and the host's dispatch; then one all-reduce per parameter tensor."""
+    w = _adapt_work(p.cfg, world_size, chunk_tokens)
     gpu = sum(max(op_seconds(o, k, "fa3") / k.fuse if o.family in ("other", "logits", "mlp_act") else
                   op_seconds(o, k, "fa3"), KERNEL_FLOOR_S) for o in w.ops)
     gpu *= k.eval_slow
@@ -403,12 +409,14 @@ def sliding_ttt_plan(p: Profile, k: Constants, world_size: int = 8) -> dict:
     windows = max(1, math.ceil((n - (cfg.eval_seq_len - cfg.eval_stride)) / cfg.eval_stride))
     batch_s = score_batch_seconds(p, k)
     sliding_s = ceil_div(ceil_div(windows, world_size), EVAL_BATCH_WINDOWS) * batch_s
-    chunks = ceil_div(n, cfg.ttt_chunk_tokens)
-    per_chunk_windows = cfg.ttt_chunk_tokens // cfg.eval_stride
-    score_s = chunks * ceil_div(ceil_div(per_chunk_windows, world_size), EVAL_BATCH_WINDOWS) * batch_s
-    adapt_s = (chunks - 1) * cfg.ttt_epochs * ttt_adapt_seconds(p, k, world_size)
+    chunks = score_s = adapt_s = 0
+    if p.chunk_ttt:  # record P's chunk TTT: each chunk's windows scored, then epochs of SGD on it
+        C = p.chunk_ttt["chunk"]
+        chunks = ceil_div(n, C)
+        score_s = chunks * ceil_div(ceil_div(C // cfg.eval_stride, world_size), EVAL_BATCH_WINDOWS) * batch_s
+        adapt_s = (chunks - 1) * p.chunk_ttt["epochs"] * ttt_adapt_seconds(p, k, C, world_size)
     ttt_s = score_s + adapt_s
-    total = (sliding_s if cfg.sliding_window_enabled else 0.0) + (ttt_s if cfg.ttt_enabled else 0.0)
+    total = (sliding_s if cfg.sliding_window_enabled else 0.0) + ttt_s
     return dict(windows=windows, batch_s=batch_s, sliding_s=sliding_s, ttt_chunks=chunks, ttt_score_s=score_s,
                 ttt_adapt_s=adapt_s, ttt_s=ttt_s, total_s=total)
 
@@ -460,8 +468,7 @@ def phased_ttt_plan(p: Profile, k: Constants, world_size: int = 8) -> dict:
         ctx = np.minimum(C * (np.arange(nc) + 1), T)
         costs.append(sum(step_s(len(docs), int(c)) for c in ctx))
     # global SGD phases: one adapt-style step per 32k-token chunk on the prefix documents
-    adapt = ttt_adapt_seconds(dataclasses.replace(p, cfg=dataclasses.replace(cfg, ttt_chunk_tokens=ph["global_chunk"])), k,
-                              world_size)
+    adapt = ttt_adapt_seconds(p, k, ph["global_chunk"], world_size)
     bounds = [ph["prefix_docs"] * (i + 1) // ph["phases"] for i in range(ph["phases"])]
     desc = np.sort(lengths)[::-1]
     free = [(0.0, r) for r in range(world_size)]
@@ -492,7 +499,11 @@ def eval_plan(p: Profile, k: Constants, world_size: int = 8) -> dict:
     if p.eval_kind == "sliding_ttt":
         return sliding_ttt_plan(p, k, world_size)
     if p.eval_kind == "phased_ttt":
-        return phased_ttt_plan(p, k, world_size)
+        plan = phased_ttt_plan(p, k, world_size)
+        if p.cfg.sliding_window_enabled:  # pgolf runs the sliding window too when it is on (N did not)
+            plan["sliding_s"] = sliding_ttt_plan(dataclasses.replace(p, chunk_ttt={}), k, world_size)["sliding_s"]
+            plan["total_s"] += plan["sliding_s"]
+        return plan
     return dict(total_s=0.0)
 
 

@@ -1,4 +1,4 @@
-"""Inline the local modules train_gpt.py imports (data/shards.py, quant/) into it, pack the result into the
+"""Inline the local modules train_gpt.py imports (data/shards.py, evals/, quant/) into it, pack the result into the
 self-extracting 2-line script, unpack it again, and compare sources modulo docstrings and annotations
 (docs/records.md "Packing").
 
@@ -19,7 +19,7 @@ import tokenize
 
 MARKERS = ("# >>> inline local modules", "# <<< inline local modules")
 LEGACY_MARKERS = ("# >>> inline quant", "# <<< inline quant")  # logs of runs from before data/shards.py was a module
-LOCAL_PACKAGES = ("data", "quant")  # repo packages whose modules a run logs and a record inlines
+LOCAL_PACKAGES = ("data", "evals", "quant")  # repo packages whose modules a run logs and a record inlines
 # The self-extracting wrapper of record P (PR #1394 lineage): raw LZMA2 saves the xz container's ~60 bytes.
 WRAP_HEAD = 'import lzma as L,base64 as B\nexec(L.decompress(B.b85decode("'
 WRAP_TAIL = '"),format=L.FORMAT_RAW,filters=[{"id":L.FILTER_LZMA2}]))\n'
@@ -32,7 +32,7 @@ class RecordError(Exception):
 
 
 # -----------------------------------------------------------------------------------------------------------------
-# inline the local modules (data/shards.py, quant/*.py) into train_gpt.py
+# inline the local modules (data/shards.py, evals/*.py, quant/*.py) into train_gpt.py
 # -----------------------------------------------------------------------------------------------------------------
 
 def _is_docstring(node: ast.stmt) -> bool:
@@ -177,7 +177,7 @@ def _check_init(name: str, src: str) -> None:
 
 
 def inline_modules(sources: dict[str, str]) -> str:
-    """The readable single-file train_gpt.py: the logged local modules (data/*.py, quant/*.py; not __init__)
+    """The readable single-file train_gpt.py: the logged local modules (data/*.py, evals/*.py, quant/*.py; not __init__)
     inlined at the marked import block in dependency order, their imports hoisted and merged into train_gpt.py's
     import block, the local-module imports and `__all__` dropped."""
     if "train_gpt.py" not in sources:
@@ -188,7 +188,7 @@ def inline_modules(sources: dict[str, str]) -> str:
     others = sorted(set(sources) - set(local_files) - {"train_gpt.py"})
     if others:
         raise RecordError(f"logged sources {others} are neither train_gpt.py nor modules of "
-                          f"{' or '.join(p + '/' for p in LOCAL_PACKAGES)}; cannot inline them")
+                          f"{', '.join(p + '/' for p in LOCAL_PACKAGES[:-1])} or {LOCAL_PACKAGES[-1]}/; cannot inline them")
     lines = _src_lines(main_src)
     mark_begin, mark_end, begins, ends = _markers(lines)
     if not local_files:

@@ -30,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", type=Path, help="dataset dir with fineweb_{train,val}_*.bin (default: the run's)")
     p.add_argument("--tokenizer", type=Path, help="SentencePiece model (default: the run's)")
     p.add_argument("--matrix-bits", type=int, nargs="+", help="bits for block matrices (run default: MATRIX_BITS)")
-    p.add_argument("--matrix-clip-sigmas", type=float, nargs="+", help="SDClip k for block matrices")
+    p.add_argument("--matrix-clip-sigmas", type=float, nargs="+",
+                   help="SDClip k for every block matrix (sets ATTN_CLIP_SIGMAS and MLP_CLIP_SIGMAS together)")
     p.add_argument("--embed-bits", type=int, nargs="+", help="bits for the tied embedding")
     p.add_argument("--embed-clip-sigmas", type=float, nargs="+", help="SDClip k for the tied embedding")
     p.add_argument("--compressor", nargs="+", choices=ARTIFACT_CODECS, help="artifact codec")
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         print(f"requantize: {e}", file=sys.stderr)
         return 2
-    grid = list(itertools.product(args.matrix_bits or [cfg.matrix_bits], args.matrix_clip_sigmas or [cfg.matrix_clip_sigmas],
+    grid = list(itertools.product(args.matrix_bits or [cfg.matrix_bits], args.matrix_clip_sigmas or [cfg.attn_clip_sigmas],
                                   args.embed_bits or [cfg.embed_bits], args.embed_clip_sigmas or [cfg.embed_clip_sigmas],
                                   args.compressor or [cfg.compressor]))
     if args.out and len(grid) > 1:
@@ -76,7 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     print(header + f"{'val_bpb':>11} {'gap':>9}")
     with tempfile.TemporaryDirectory() as tmp:
         for mbits, mclip, ebits, eclip, codec in grid:
-            variant = dataclasses.replace(cfg, matrix_bits=mbits, matrix_clip_sigmas=mclip, embed_bits=ebits,
+            same = args.matrix_clip_sigmas is None  # the run's own per-role sigmas unless a sweep sets both
+            variant = dataclasses.replace(cfg, matrix_bits=mbits, attn_clip_sigmas=cfg.attn_clip_sigmas if same else mclip,
+                                          mlp_clip_sigmas=cfg.mlp_clip_sigmas if same else mclip, embed_bits=ebits,
                                           embed_clip_sigmas=eclip, compressor=codec)
             path = args.out or Path(tmp) / "artifact.ptz"
             size = run.serialize(hessians, path, variant, method=args.method)

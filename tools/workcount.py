@@ -1,6 +1,6 @@
 """Count the work of the real trainer code: FLOPs and HBM bytes of every kernel a step launches.
 
-The trainer's own functions (train_gpt.GPT, Optimizers, train_step, score_windows, adapt_on_chunk) run on the meta
+The trainer's own functions (train_gpt.GPT, Optimizers, train_step, score_windows) run on the meta
 device at their real shapes, under a dispatch mode that records every aten op: its FLOPs (torch's FLOP counter
 registry, the numbers `torch.utils.flop_counter.FlopCounterMode` reports), the bytes it reads and writes, and the
 kernel family it belongs to. Nothing is allocated, so an 8xH100 batch traces in a second or two on a laptop.
@@ -10,6 +10,7 @@ See docs/planner.md for how the planner turns these counts into seconds.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -304,8 +305,8 @@ def _split_head(model: train_gpt.GPT, rec: _Recorder) -> None:
     """Mark ops after forward_hidden (and, in backward, before the hidden states' gradient) as the head region."""
     inner = model.forward_hidden
 
-    def forward_hidden(ids):
-        h = inner(ids)
+    def forward_hidden(ids, lora=None):
+        h = inner(ids, lora)
         rec.region = "head"
         if h.requires_grad:
             h.register_hook(lambda g: setattr(rec, "region", "body"))
@@ -387,19 +388,44 @@ def trace_score_batch(cfg: train_gpt.Config, batch_windows: int, attn: Attention
     return trace(run, attn, _hidden(cfg))
 
 
-def trace_ttt_adapt_step(cfg: train_gpt.Config, rank: int, world_size: int,
+def chunk_sgd_epoch(model: train_gpt.GPT, opt: torch.optim.Optimizer, tokens: torch.Tensor, chunk: int,
+                    chunk_tokens: int, seq_len: int, rank: int, world_size: int, device: torch.device,
+                    batch_seqs: int = 32) -> None:
+    """One epoch of full-model SGD on chunk `chunk` of tokens, as record P's score-first TTT adapts on a chunk (pgolf ran
+    it as train_gpt.adapt_on_chunk until the phased TTT replaced it; kept here op for op, since the planner's HOST_OP
+    is fitted on P's TTT eval): this rank's share of the chunk's sequences in batches of batch_seqs, each batch a
+    forward + backward, gradient all-reduce (none in one process), clipping to 1.0 and one SGD step."""
+    n_seq = chunk_tokens // seq_len
+    lo, hi = n_seq * rank // world_size, n_seq * (rank + 1) // world_size
+    idx = chunk * chunk_tokens + torch.arange(lo * seq_len, hi * seq_len).view(-1, seq_len)
+    x, y = tokens[idx].to(device), tokens[idx + 1].to(device)
+    steps = math.ceil(math.ceil(n_seq / world_size) / batch_seqs)  # the same number of steps on every rank
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.train()
+    for i in range(steps):
+        xb, yb = x[i * batch_seqs : (i + 1) * batch_seqs], y[i * batch_seqs : (i + 1) * batch_seqs]
+        if len(xb):
+            model(xb, yb).backward()
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    model.eval()
+
+
+def trace_ttt_adapt_step(cfg: train_gpt.Config, rank: int, world_size: int, chunk_tokens: int,
                          attn: AttentionShape = AttentionShape()) -> Work:
-    """One epoch of train_gpt.adapt_on_chunk on one rank (its share of a chunk's sequences): eager forward +
-    backward, per-parameter gradient all-reduce (a no-op here; the planner prices the collectives), clipping, SGD."""
+    """One epoch of chunk_sgd_epoch on one rank (record P's TTT adapt step on a chunk; record N's global TTT phases
+    take the same step per chunk): eager forward + backward, clipping, SGD (momentum 0.9)."""
     model = meta_model(cfg, looping=True)
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.ttt_lr, momentum=cfg.ttt_momentum)
-    tokens = torch.zeros(cfg.ttt_chunk_tokens + 1, dtype=torch.int64)
+    opt = torch.optim.SGD(model.parameters(), lr=0.005, momentum=0.9)
+    tokens = torch.zeros(chunk_tokens + 1, dtype=torch.int64)
 
     def run(rec: _Recorder) -> None:
         _split_head(model, rec)
-        train_gpt.adapt_on_chunk(model, opt, tokens, 0, cfg.ttt_chunk_tokens, cfg.eval_seq_len, 1,
-                                 train_gpt.EvalContext(luts=(), batch_windows=1, device=META, rank=rank,
-                                                       world_size=world_size))
+        chunk_sgd_epoch(model, opt, tokens, 0, chunk_tokens, cfg.eval_seq_len, rank, world_size, META)
 
     return trace(run, attn, _hidden(cfg))
 
