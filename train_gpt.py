@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 # >>> inline local modules (tools/build_record.py replaces this block with the data/shards.py, evals/ and quant/ sources)
 from data.shards import BOS_ID, DocumentPackingLoader, ShuffledSequenceLoader, load_data, sha256_file, target_bytes
-from evals.phased_ttt import context_sizes, eval_phased_ttt
+from evals.phased_ttt import context_sizes, eval_phased_ttt, slot_sizes
 from quant import (
     ARTIFACT_CODECS,
     accumulate_hessian,
@@ -252,7 +252,7 @@ class Config:
             if name in fields:
                 kwargs[fields[name].name] = _parse_env(key, raw, fields[name].type)
             elif key not in _FOREIGN_ENV and key.replace("_", "").isupper():
-                close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.88)
+                close = difflib.get_close_matches(key, [*fields, *UPSTREAM_ALIASES, *UPSTREAM_FIXED], n=1, cutoff=0.88)
                 if close:
                     raise ValueError(f"unknown config env var {key}; did you mean {close[0]}?")
         return cls(**kwargs)
@@ -1220,6 +1220,8 @@ class Run:
         return r
 
     def compile(self, fn: Callable) -> Callable:
+        if self.compiled:  # the TTT step's static shapes: 2 row counts x 4 row lengths for record N (N sets 16 too)
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
         return torch.compile(fn, dynamic=False, fullgraph=True) if self.compiled else fn
 
     def make_loader(self, kind: str | None = None) -> ShuffledSequenceLoader | DocumentPackingLoader:
@@ -1426,10 +1428,12 @@ class Run:
             with torch.no_grad(), rt.amp():
                 qlogits(torch.randint(0, cfg.vocab_size, (self.ev.batch_windows, L), device=rt.device))
             qmodel.requires_grad_(False)  # as in the TTT: gradients reach the adapters only
-            for T in context_sizes(cfg.ttt_chunk_size, cfg.ttt_eval_seq_len, True) if cfg.ttt_enabled else []:
-                with rt.amp():  # the TTT forward and backward at every row length, on throwaway adapters
-                    ttt_logits(torch.randint(0, cfg.vocab_size, (cfg.ttt_batch_size, T), device=rt.device),
-                               adapters(cfg.ttt_batch_size, torch.Generator())).float().mean().backward()
+            sizes = [(n, T) for n in slot_sizes(val, cfg) for T in context_sizes(cfg.ttt_chunk_size,
+                     cfg.ttt_eval_seq_len, True)] if cfg.ttt_enabled else []  # row counts: from the document count
+            for n, T in sizes:  # the TTT forward and backward at every shape, on throwaway adapters
+                with rt.amp():
+                    ttt_logits(torch.randint(0, cfg.vocab_size, (n, T), device=rt.device),
+                               adapters(n, torch.Generator())).float().mean().backward()
             qmodel.requires_grad_(True)
             sync(rt.device)
             self.ledger.add("eval_compile_warmup", time.perf_counter() - t, "none")

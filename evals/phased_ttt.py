@@ -117,6 +117,20 @@ def context_sizes(chunk: int, window: int, static: bool) -> list[int]:
     return sorted({context(ci, chunk, window, static) for ci in range(-(-window // chunk))})
 
 
+def batch_slots(n: int, batch_size: int, static: bool) -> int:
+    """Rows of a batch of n documents: n; with static shapes (a compiled step) the next power of two, at most
+    TTT_BATCH_SIZE, so that full batches share one shape and the short batch (record N's ordering puts the
+    remainder, e.g. 16 of 50,000 documents, on the longest documents) is not padded to a full batch: on 8xH100 its
+    ~2,000 steps at 64 rows would take ~4x as long as at 16 (tools/planner.py)."""
+    return min(batch_size, 1 << max(n - 1, 0).bit_length()) if static else n
+
+
+def slot_sizes(tokens: Tensor, cfg: object) -> list[int]:
+    """Every row count a static-shape TTT eval of tokens uses (its compile warm-up; only the document count matters)."""
+    plan = make_plan(tokens, cfg.ttt_batch_size, cfg.phased_ttt_prefix_docs, cfg.phased_ttt_num_phases)
+    return sorted({batch_slots(len(b), cfg.ttt_batch_size, True) for b in plan.queue})
+
+
 def score_rows(nll: Tensor, rows: Rows, ev: object, luts: tuple[Tensor, ...], nll_out: Tensor | None = None,
                hits_out: Tensor | None = None) -> Tensor:
     """float64 (nll, targets, bytes) of the scored positions (rows on nll's device), bytes from the byte sidecar or
@@ -227,7 +241,7 @@ def eval_phased_ttt(model: nn.Module, tokens: Tensor, cfg: object, ev: object, m
             lane, batch = q - r0, plan.queue[q]
             if lane % ev.world_size != ev.rank:
                 continue
-            slots = cfg.ttt_batch_size if ev.static_shapes else len(batch)
+            slots = batch_slots(len(batch), cfg.ttt_batch_size, ev.static_shapes)
             if len(batch) < cfg.ttt_batch_size:  # a short batch gets fresh adapters (record N)
                 lora = make_adapters(slots, adapter_seed(cfg.seed, phase, cfg.ttt_lanes + q))
             else:

@@ -291,6 +291,27 @@ def test_scores_first_then_adapts_and_lanes_warm_start_a(monkeypatch) -> None:
         assert not torch.equal(batches[q - 2]["a_out"], batches[q - 2]["a_in"])
 
 
+def test_static_shapes_pad_a_short_batch_to_a_power_of_two_not_a_full_batch(monkeypatch) -> None:
+    """A compiled TTT (static shapes) runs full batches at TTT_BATCH_SIZE rows and the short batch at the next power
+    of two: record N's short batch holds its 16 longest documents (~2,000 steps), which padded to 64 rows would
+    take ~4x as long on 8xH100. slot_sizes names the row counts the compile warm-up must cover."""
+    assert [pt.batch_slots(n, 64, True) for n in (64, 16, 17, 1)] == [64, 16, 32, 1]
+    assert pt.batch_slots(17, 64, False) == 17
+    tokens = stream(DOC_LENGTHS[:11])  # 11 documents in batches of 8: one full, one of 3
+    cfg = dataclasses.replace(CFG, ttt_batch_size=8, phased_ttt_prefix_docs=0)
+    real, rows = pt.ttt_step, []
+    monkeypatch.setattr(pt, "ttt_step", lambda fn, lora, opt, r, *a, **k: rows.append(r.x.size(0)) or
+                        real(fn, lora, opt, r, *a, **k))
+    n = tokens.numel() - 1
+    for static, expect in ((True, {4, 8}), (False, {3, 8})):
+        rows.clear()
+        model, hits = model_with_noise(), torch.zeros(n, dtype=torch.int64)
+        make = lambda bsz, gen, m=model: TTTAdapters(m, bsz, cfg.ttt_lora_rank, cfg.ttt_lora_alpha, gen)
+        pt.eval_phased_ttt(model, tokens, cfg, EvalContext(LUTS, 1, static_shapes=static), make, hits_out=hits)
+        assert set(rows) == expect and hits.eq(1).all()
+    assert pt.slot_sizes(tokens, cfg) == [4, 8]
+
+
 def test_global_phases_run_at_the_boundaries_on_the_shortest_scored_documents(monkeypatch) -> None:
     calls: list[tuple[int, Tensor]] = []
     real_sgd, made = pt.global_sgd, []
