@@ -165,7 +165,9 @@ def test_from_env_bad_value_is_a_clear_error(key: str, raw: str, typ: str) -> No
 
 
 @pytest.mark.parametrize("typo, field", [("MODEL_DIMS", "MODEL_DIM"), ("NUM_LAYER", "NUM_LAYERS"),
-                                         ("TTT_LORA_RANKS", "TTT_LORA_RANK"), ("WARMDOWN_FRACS", "WARMDOWN_FRAC")])
+                                         ("TTT_LORA_RANKS", "TTT_LORA_RANK"), ("WARMDOWN_FRACS", "WARMDOWN_FRAC"),
+                                         ("PARALLEL_START_LAYERS", "PARALLEL_START_LAYER"),  # upstream names too
+                                         ("FUSED_CE_ENABLE", "FUSED_CE_ENABLED")])
 def test_from_env_near_miss_suggests_the_field(typo: str, field: str) -> None:
     with pytest.raises(ValueError, match=f"unknown config env var {typo}; did you mean {field}\\?"):
         Config.from_env({typo: "1"})

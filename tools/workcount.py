@@ -21,6 +21,7 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
 
 import train_gpt
+from data.shards import target_bytes
 
 META = torch.device("meta")
 MATMUL_OPS = {"aten.mm", "aten.addmm", "aten.bmm", "aten.baddbmm"}
@@ -428,6 +429,57 @@ def trace_ttt_adapt_step(cfg: train_gpt.Config, rank: int, world_size: int, chun
         chunk_sgd_epoch(model, opt, tokens, 0, chunk_tokens, cfg.eval_seq_len, rank, world_size, META)
 
     return trace(run, attn, _hidden(cfg))
+
+
+def _masked_sums(nll: torch.Tensor, rows: object, ev: object, luts: tuple[torch.Tensor, ...], *args: object) -> torch.Tensor:
+    """phased_ttt.score_rows without boolean indexing (its output size is data, which the meta device lacks): the
+    same reads of the losses and byte counts, summed under the score mask."""
+    m = rows.score.to(nll.dtype)
+    nbytes = target_bytes(rows.x, rows.y, luts).to(nll.dtype)
+    return torch.stack(((nll * m).sum(), m.sum(), (nbytes * m).sum())).double()
+
+
+def trace_ttt_step(cfg: train_gpt.Config, bsz: int, ctx: int, adapter_dtype: torch.dtype = torch.bfloat16) -> Work:
+    """One step of the phased TTT as evals.phased_ttt.ttt_step runs it: the LoRA forward of `bsz` document rows of
+    `ctx` tokens (train_gpt.TTTAdapters on every pass and the head), the per-token cross-entropy, the backward to
+    the adapters through the frozen looped model, and the AdamW step on the adapters (region 'optimizer'). One
+    document per row, so attention is dense causal. The adapters are traced in bf16 (autocast runs their matmuls
+    in bf16 on the GPU; only the optimizer's fp32 state is undercounted, a few MB)."""
+    from evals import phased_ttt
+
+    model = meta_model(cfg, looping=True).eval().requires_grad_(False)
+    with torch.device(META):
+        lora = train_gpt.TTTAdapters(model, bsz, cfg.ttt_lora_rank, cfg.ttt_lora_alpha, None).to(adapter_dtype)
+    opt = torch.optim.AdamW(lora.parameters(), lr=cfg.ttt_lora_lr, betas=(cfg.ttt_beta1, cfg.ttt_beta2), eps=1e-10,
+                            weight_decay=cfg.ttt_weight_decay, foreach=True)
+    luts = (torch.zeros(cfg.vocab_size, dtype=torch.int16, device=META),
+            torch.zeros(cfg.vocab_size, dtype=torch.bool, device=META),
+            torch.ones(cfg.vocab_size, dtype=torch.bool, device=META))
+    ev = train_gpt.EvalContext(luts, bsz, META)
+    z = torch.zeros(bsz, ctx, dtype=torch.long)
+    t = torch.ones(bsz, ctx, dtype=torch.bool)
+    rows = phased_ttt.Rows(z, z, z, t, t)
+    step = opt.step
+
+    def opt_step(*args: object, **kwargs: object) -> None:
+        rec.region = "optimizer"
+        step(*args, **kwargs)
+
+    opt.step = opt_step
+
+    def run(r: _Recorder) -> None:
+        nonlocal rec
+        rec = r
+        _split_head(model, r)
+        real = phased_ttt.score_rows
+        phased_ttt.score_rows = _masked_sums
+        try:
+            phased_ttt.ttt_step(model.forward_logits, lora, opt, rows, ev, luts)
+        finally:
+            phased_ttt.score_rows = real
+
+    rec: _Recorder | None = None
+    return trace(run, AttentionShape(), _hidden(cfg))
 
 
 def param_groups(cfg: train_gpt.Config) -> dict[str, int]:
