@@ -436,8 +436,9 @@ def test_builtin_caseops_dataset_builds_offline_and_passes_the_audit(tmp_path: P
 
 @pytest.mark.slow
 def test_tiny_caseops_run_with_phased_ttt_lqer_int7_passes_legality_and_audit(tmp_path: Path, capsys) -> None:
-    import train_gpt
     from conftest import TINY_TRAIN
+
+    import train_gpt
     from quant import load_artifact
     from tools import check_legality
 
