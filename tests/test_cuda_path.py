@@ -279,9 +279,23 @@ def test_compiled_pipeline_recompiles_within_limit(tiny_dataset, tmp_path: Path,
     real_compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, **{**kw, "backend": "eager"}))
     torch._dynamo.reset()
-    cfg = Config(**{**TINY_TRAIN, "val_loss_every": 3}, data_path=str(tiny_dataset.data_dir),
+    from data.shards import load_val_tokens
+    from evals.phased_ttt import context_sizes, find_docs, slot_sizes
+    val = load_val_tokens(str(tiny_dataset.data_dir / "fineweb_val_*.bin"), TINY_TRAIN["eval_seq_len"])
+    docs = len(find_docs(val))  # a TTT batch size that leaves a short batch of fewer rows (its own compiled shape)
+    bsz = next(b for b in (3, 5, 6, 7) if 0 < docs % b and 1 << (docs % b - 1).bit_length() < b)
+    cfg = Config(**{**TINY_TRAIN, "val_loss_every": 3, "ttt_batch_size": bsz}, data_path=str(tiny_dataset.data_dir),
                  tokenizer_path=str(tiny_dataset.tokenizer), out_dir=str(tmp_path), run_id="compiled", seed=5,
                  compile="1")
+    real_ttt, during = train_gpt.eval_phased_ttt, []
+
+    def ttt(*args, **kwargs):  # the eval clock runs here: the warm-up must have compiled every shape already
+        before = cache_entries(train_gpt.ttt_forward)
+        out = real_ttt(*args, **kwargs)
+        during.append(cache_entries(train_gpt.ttt_forward) - before)
+        return out
+
+    monkeypatch.setattr(train_gpt, "eval_phased_ttt", ttt)
     try:
         summary = train_gpt.run(cfg, train_gpt.Runtime())
         counts = {f.__name__: cache_entries(f) for f in (GPT.forward, GPT.forward_logits, train_gpt.ttt_forward,
@@ -294,11 +308,9 @@ def test_compiled_pipeline_recompiles_within_limit(tiny_dataset, tmp_path: Path,
     # guards are on attributes, and every eval batch has one static shape). The TTT forward: one per row count and
     # row length (TTT_EVAL_SEQ_LEN=64: 16, 32, 64; record N's 2048: 256..2048, four; row counts: full batches and
     # the short batch's power of two), all compiled by the warm-up. Newton-Schulz: one per matrix shape.
-    from data.shards import load_val_tokens
-    from evals.phased_ttt import context_sizes, slot_sizes
-    val = load_val_tokens(str(tiny_dataset.data_dir / "fineweb_val_*.bin"), cfg.eval_seq_len)
     slots = slot_sizes(val, cfg)
-    assert slots == [2, 4]  # 4 documents per batch; the short batch of the tiny val set has 2 (a fixture fact)
+    assert len(slots) == 2 and slots[-1] == bsz  # full batches and the short batch's power of two
+    assert during == [0]  # nothing compiled on the eval clock
     ttt = len(slots) * len(context_sizes(cfg.ttt_chunk_size, cfg.ttt_eval_seq_len, True))
     assert counts == {"forward": 2, "forward_logits": 2, "ttt_forward": ttt, "zeropower_via_newtonschulz5": 4}, counts
     assert limit >= 16 and max(counts.values()) <= limit // 2
