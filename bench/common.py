@@ -110,18 +110,20 @@ class TrainerRun:
         return self.summary["evals"][label]["val_bpb"]
 
 
-def run_trainer(out_dir: Path, overrides: dict[str, str], label: str, extra_env: dict[str, str] | None = None) -> TrainerRun:
-    """`python train_gpt.py` with configs/cpu_tiny.env + overrides in a clean environment (config variables of the
-    calling shell are dropped, so only what is written here counts). Console output goes to OUT_DIR/console.txt."""
+def run_trainer(out_dir: Path, overrides: dict[str, str], label: str, extra_env: dict[str, str] | None = None,
+                script: str = "train_gpt.py") -> TrainerRun:
+    """`python <script>` (train_gpt.py or an experiment's entry script) with configs/cpu_tiny.env + overrides in a
+    clean environment (config variables of the calling shell are dropped, so only what is written here counts).
+    Console output goes to OUT_DIR/console.txt."""
     out_dir.mkdir(parents=True, exist_ok=True)
     names = config_env_names()
     env = {k: v for k, v in os.environ.items() if k not in names}
     env.update({**tiny_env(), **overrides, "OUT_DIR": str(out_dir), "RUN_ID": out_dir.name, **(extra_env or {})})
     console = out_dir / "console.txt"
-    progress(f"  {label}: python train_gpt.py -> {out_dir.relative_to(ROOT) if out_dir.is_relative_to(ROOT) else out_dir}")
+    progress(f"  {label}: python {script} -> {out_dir.relative_to(ROOT) if out_dir.is_relative_to(ROOT) else out_dir}")
     t = time.perf_counter()
     with open(console, "w") as f:
-        code = subprocess.run([sys.executable, str(ROOT / "train_gpt.py")], cwd=ROOT, env=env, stdout=f,
+        code = subprocess.run([sys.executable, str(ROOT / script)], cwd=ROOT, env=env, stdout=f,
                               stderr=subprocess.STDOUT).returncode
     wall = time.perf_counter() - t
     if code != 0:

@@ -1,8 +1,9 @@
-"""Regenerate BENCHMARKS.md: run the four benchmarks with their defaults and write their tables in one file.
+"""Regenerate BENCHMARKS.md: run the five benchmarks with their defaults and write their tables in one file.
 
-Run from the repo root: `python bench/report.py` (about 17 min on 2 quiet cores). Order: bench/eval.py trains the
+Run from the repo root: `python bench/report.py` (about 30 min on 2 quiet cores). Order: bench/eval.py trains the
 cpu_tiny reference run (runs/bench/ref) and times its evals, bench/quant.py benchmarks that run's checkpoint,
-bench/train.py runs its own A/B and compile runs, bench/features.py times record N's features in one process. Each
+bench/train.py runs its own A/B and compile runs, bench/features.py times record N's features in one process,
+bench/experiments.py compares the experiments' entry scripts with the stack. Each
 bench's stdout (markdown) is pasted as it is; their progress goes to this terminal. BENCHMARKS.md is written
 atomically, and only if every bench succeeded; lines of a bench's output that start with "**" are also collected under
 "Headlines".
@@ -34,6 +35,8 @@ def benches() -> list[tuple[str, str, list[str]]]:
          ["bench/train.py"]),
         ("features", "Feature cost: CPU train step time of record N's features vs record P's model",
          ["-m", "bench.features"]),
+        ("experiments", "Experiments: record stack vs Transformer || SSM hybrid vs strict ±1 weights",
+         ["-m", "bench.experiments"]),
     ]
 
 
@@ -55,7 +58,7 @@ def run_bench(cmd: list[str]) -> tuple[str, float]:
 
 def render(results: dict[str, tuple[str, list[str], str, float]], started: str, loads: tuple[str, str],
            total_s: float, argv: list[str]) -> str:
-    order = ("quant", "train", "features", "eval")  # the sections' order in the file
+    order = ("quant", "train", "features", "eval", "experiments")  # the sections' order in the file
     heads = [line for key in order for line in results[key][2].splitlines() if line.startswith("**")]
     cmd = " ".join(["python bench/report.py", *argv])
     doc = ["# Benchmarks", "",

@@ -8,8 +8,15 @@ import sys
 
 import torch
 
-from quant.codec import ArtifactError, compress_bytes, compress_payload, parse_artifact, read_artifact_file
-from quant.gptq import QTensor
+from quant.codec import (
+    ArtifactError,
+    compress_bytes,
+    compress_payload,
+    parse_artifact,
+    read_artifact_file,
+    stored_codes,
+)
+from quant.gptq import LOWBIT_ROLES, QTensor
 from quant.pack import byte_shuffle
 
 
@@ -32,12 +39,18 @@ def lqer_bytes(qt: QTensor) -> bytes:
             + byte_shuffle(f.a_scale.numpy().tobytes() + f.b_scale.numpy().tobytes(), 2))
 
 
+def kind_label(qt: QTensor) -> str:
+    """A quantized tensor's kind as inspect prints it: "gptq int6", "rtn int8", "sign 1-bit", "ternary 1.6-bit"."""
+    return {"sign": "sign 1-bit", "ternary": "ternary 1.6-bit"}[qt.kind] if qt.kind in LOWBIT_ROLES else \
+        f"{qt.kind} int{qt.bits}"
+
+
 def tensor_bytes(qt: QTensor) -> bytes:
-    """A tensor's payload bytes laid out as in the artifact (codes raw; fp16 scales / passthrough byte-shuffled),
-    followed by its LQER factors if it has them."""
+    """A tensor's payload bytes laid out as in the artifact (codes as stored: int8, or sign / ternary packed; fp16
+    scales / passthrough byte-shuffled), followed by its LQER factors if it has them."""
     if qt.kind == "passthrough":
         return byte_shuffle(qt.data.reshape(-1).view(torch.uint8).numpy().tobytes(), 2)
-    return qt.codes.numpy().tobytes() + byte_shuffle(qt.scale.numpy().tobytes(), 2) + lqer_bytes(qt)
+    return stored_codes(qt) + byte_shuffle(qt.scale.numpy().tobytes(), 2) + lqer_bytes(qt)
 
 
 def alone_bytes(qt: QTensor, codec: str) -> int:
@@ -45,7 +58,8 @@ def alone_bytes(qt: QTensor, codec: str) -> int:
     its side data with brotli-11)."""
     if codec != "rans" or qt.kind == "passthrough":
         return len(compress_bytes(tensor_bytes(qt), "brotli" if codec == "rans" else codec))
-    codes, segments, side = [qt.codes.numpy().tobytes()], [qt.codes.numel()], [qt.scale.numpy().tobytes()]
+    packed = stored_codes(qt)
+    codes, segments, side = [packed], [len(packed)], [qt.scale.numpy().tobytes()]
     if qt.lqer is not None:
         f = qt.lqer
         codes += [f.a_codes.numpy().tobytes(), f.b_codes.numpy().tobytes()]
@@ -61,10 +75,12 @@ def inspect(path: str) -> None:
     print(f"artifact {path}: {len(blob):,} bytes = header+manifest {len(blob) - compressed:,} + "
           f"compressed payload {compressed:,} (decompressed {m['payload_bytes']:,})")
     print(f"format version {blob[3]} | codec {m['codec']} | packing {m['packing']} (codes one per byte, contiguous per "
-          f"tensor) | scales {m['scale_layout']} | scales+passthrough byte-shuffled, stride {m['shuffle']}")
+          f"tensor; sign 8 and ternary 5 per byte) | scales {m['scale_layout']} | scales+passthrough byte-shuffled, "
+          f"stride {m['shuffle']}")
     print(f"share: each tensor's bytes compressed alone with {m['codec']} (artifact settings), scaled so the shares sum "
           f"to the compressed payload; H0: order-0 entropy of the codes (passthrough: of the stored values), "
-          f"bound = H0 of codes + H0 of the fp16 scales (16-bit symbols)", flush=True)
+          f"bound = H0 of codes + H0 of the fp16 scales (16-bit symbols); bits_per_weight: a kind's share bytes "
+          f"(codes, scales and LQER) * 8 / its weights, against h0_bits = H0 of its codes per weight", flush=True)
     if m["codec"] == "rans":
         r = m["rans"]
         print(f"rans: codes in order-0 rANS with one frequency table per tensor and per LQER factor, {r['lanes']} lanes, "
@@ -72,14 +88,14 @@ def inspect(path: str) -> None:
               f"passthrough data in brotli-11")
     alone = [alone_bytes(qt, m["codec"]) for qt in qts]
     k = compressed / max(1, sum(alone))
-    rows, tot_raw, tot_bound = [], 0, 0.0
+    rows, tot_raw, tot_bound, per_kind = [], 0, 0.0, {}
     for qt, a in zip(qts, alone, strict=True):
         if qt.kind == "passthrough":
             sym, n, raw = order0_bits(qt.data), qt.data.numel(), qt.data.numel() * qt.data.element_size()
             bound, label = sym / 8, f"{qt.kind} {str(qt.data.dtype).removeprefix('torch.')}"
         else:
-            sym, n, raw = order0_bits(qt.codes), qt.codes.numel(), qt.codes.numel() + 2 * qt.shape[0]
-            bound, label = (sym + order0_bits(qt.scale)) / 8, f"{qt.kind} int{qt.bits}"
+            sym, n, raw = order0_bits(qt.codes), qt.codes.numel(), len(stored_codes(qt)) + 2 * qt.shape[0]
+            bound, label = (sym + order0_bits(qt.scale)) / 8, kind_label(qt)
             if qt.lqer is not None:  # raw bytes and bound include the LQER factors; H0 bits/sym stays the main codes'
                 f = qt.lqer
                 raw += len(lqer_bytes(qt))
@@ -87,6 +103,9 @@ def inspect(path: str) -> None:
                 label += f"+lqer{f.rank}"
         tot_raw += raw
         tot_bound += bound
+        if qt.kind != "passthrough":
+            g = per_kind.setdefault(kind_label(qt), [0, 0, 0.0, 0.0])
+            g[0], g[1], g[2], g[3] = g[0] + 1, g[1] + n, g[2] + a * k, g[3] + sym
         rows.append((qt.name, "x".join(map(str, qt.shape)) or "scalar", label, qt.dtype, f"{raw:,}", f"{a * k:,.0f}",
                      f"{100 * a * k / max(1, compressed):.2f}%", f"{sym / max(1, n):.3f}", f"{math.ceil(bound):,}"))
     head = ("name", "shape", "kind", "dtype", "raw bytes", "share bytes", "share", "H0 bits/sym", "H0 bytes")
@@ -95,6 +114,9 @@ def inspect(path: str) -> None:
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     for r in [head, *rows]:
         print("  ".join(c.ljust(w) if i < 4 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))))
+    for label, (count, n, share, sym) in sorted(per_kind.items()):  # bits per weight on disk vs the codes' H0
+        print(f"bits_per_weight kind:{label.replace(' ', '_')} tensors:{count} weights:{n} share_bytes:{share:.0f} "
+              f"bits:{8 * share / max(1, n):.4f} h0_bits:{sym / max(1, n):.4f}")
     print(f"entropy bound: compressed payload {compressed:,} / order-0 bound {math.ceil(tot_bound):,} bytes "
           f"= {compressed / max(1.0, tot_bound):.4f}")
     lq = [qt for qt in qts if qt.lqer is not None]

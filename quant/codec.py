@@ -2,7 +2,8 @@
 
 Layout (little-endian): b"PGQ" | version u8 | manifest length u32 | manifest CRC-32 u32 | manifest (sorted-key JSON,
 brotli-11, since size margins are a few KB) | compressed payload. The decompressed payload is the codes region (each
-quantized tensor's int8 codes, contiguous, in manifest order) then the side region (fp16 scales and passthrough data
+quantized tensor's codes, contiguous, in manifest order: int8 one per byte, or for the "sign" / "ternary" kinds of
+version 3 packed 8 bits / 5 trits per byte, quant/pack.py) then the side region (fp16 scales and passthrough data
 in manifest order), byte-shuffled with stride 2 as it is almost all fp16. The loader checks every length, offset and
 checksum before allocating, caps and bounds every decompression, and never unpickles anything.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import lzma
+import math
 import os
 import struct
 import tempfile
@@ -23,7 +25,7 @@ import zstandard
 
 from quant.gptq import QTensor
 from quant.lqer import LQER_A_RANGE, LQER_B_RANGE, LQERFactors, lqer_group_count
-from quant.pack import byte_shuffle, byte_unshuffle
+from quant.pack import byte_shuffle, byte_unshuffle, pack_signs, pack_trits, packed_len, unpack_signs, unpack_trits
 from quant.rans import RANS_MAX_LANES, rans_decode, rans_encode, rans_lanes
 
 __all__ = [
@@ -40,11 +42,13 @@ __all__ = [
     "parse_artifact",
     "read_artifact_file",
     "save_artifact",
+    "stored_codes",
 ]
 
 ARTIFACT_MAGIC = b"PGQ"
-ARTIFACT_VERSION = 2  # the newest format version written and read; version 1 (no LQER) is still read
-ARTIFACT_VERSIONS = (1, 2)
+ARTIFACT_VERSION = 3  # the newest format version written and read; 1 (no LQER) and 2 (no sign/ternary) still read
+ARTIFACT_VERSIONS = (1, 2, 3)
+_PGQ_LOWBIT_KINDS = ("sign", "ternary")  # packed code kinds: format version 3 only
 ARTIFACT_CODECS = ("brotli", "zstd", "lzma", "rans")  # rans: format version 2 only
 ARTIFACT_MAX_BYTES = 1 << 28  # default cap on the decompressed payload (a record's is ~37 MB)
 _PGQ_MANIFEST_MAX = 1 << 24  # cap on the decompressed manifest (~160 bytes per tensor)
@@ -124,6 +128,17 @@ def decompress_bytes(data: bytes, codec: str, limit: int) -> bytes:
     return out
 
 
+def scale_count(kind: str, shape: tuple[int, ...] | list[int]) -> int:
+    """fp16 scales a quantized tensor stores: one per row, except one per tensor for the "sign" kind."""
+    return 1 if kind == "sign" else shape[0]
+
+
+def stored_codes(qt: QTensor) -> bytes:
+    """A quantized tensor's codes as the codes region stores them: bit-packed signs, base-3-packed trits, else int8."""
+    c = qt.codes.contiguous().numpy()
+    return pack_signs(c) if qt.kind == "sign" else pack_trits(c) if qt.kind == "ternary" else c.tobytes()
+
+
 def _artifact_layout(entries: list[dict]) -> tuple[int, int, list[dict]]:
     """Spans [offset, length] of every tensor's codes / scale / data in the payload; returns (codes, total, spans).
 
@@ -137,8 +152,9 @@ def _artifact_layout(entries: list[dict]) -> tuple[int, int, list[dict]]:
         if e["kind"] == "passthrough":
             spans.append({"data": numel * torch.empty(0, dtype=getattr(torch, e["store"])).element_size()})
         else:
-            spans.append({"codes": [codes_end, numel], "scale": 2 * e["shape"][0]})
-            codes_end += numel
+            n = packed_len(e["kind"], numel) if e["kind"] in _PGQ_LOWBIT_KINDS else numel
+            spans.append({"codes": [codes_end, n], "scale": 2 * scale_count(e["kind"], e["shape"])})
+            codes_end += n
     lqer = [(s, e["shape"], e["lqer"]) for e, s in zip(entries, spans, strict=True) if "lqer" in e]
     for s, (rows, cols), f in lqer:
         s["lqer"] = {"rank": f["rank"], "group": f["group"], "a_codes": [codes_end, rows * f["rank"]],
@@ -193,10 +209,15 @@ def encode_artifact(qtensors: list[QTensor], codec: str = "brotli") -> bytes:
                                  f"shape {qt.shape}")
             side.append(qt.data.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
         else:
-            if qt.codes.dtype != torch.int8 or tuple(qt.codes.shape) != qt.shape or qt.scale.dtype != torch.float16:
-                raise ValueError(f"encode_artifact: {qt.name} needs int8 codes of shape {qt.shape} and fp16 scales")
+            if qt.codes.dtype != torch.int8 or tuple(qt.codes.shape) != qt.shape or qt.scale.dtype != torch.float16 \
+                    or qt.scale.numel() != scale_count(qt.kind, qt.shape):
+                raise ValueError(f"encode_artifact: {qt.name} needs int8 codes of shape {qt.shape} and "
+                                 f"{scale_count(qt.kind, qt.shape)} fp16 scales")
+            if qt.kind in _PGQ_LOWBIT_KINDS and (qt.bits != (1 if qt.kind == "sign" else 2) or qt.lqer is not None):
+                raise ValueError(f"encode_artifact: {qt.name} {qt.kind} needs bits {1 if qt.kind == 'sign' else 2} "
+                                 f"and no LQER")
             e["bits"] = qt.bits
-            codes.append(qt.codes.contiguous().numpy().tobytes())
+            codes.append(stored_codes(qt))
             side.append(qt.scale.contiguous().numpy().tobytes())
             if qt.lqer is not None:
                 f = qt.lqer
@@ -214,7 +235,8 @@ def encode_artifact(qtensors: list[QTensor], codec: str = "brotli") -> bytes:
     for e, s in zip(entries, spans, strict=True):
         e.update(s)
     # the lowest version that can hold the content, so older loaders read what they can
-    version = 2 if lqer_codes or codec == "rans" else 1
+    version = (3 if any(e["kind"] in _PGQ_LOWBIT_KINDS for e in entries) else 2 if lqer_codes or codec == "rans"
+               else 1)
     compressed, extra = compress_payload(b"".join(codes + lqer_codes), _code_segments(spans),
                                          byte_shuffle(b"".join(side + lqer_side), 2), codec)
     manifest = {
@@ -249,11 +271,17 @@ def _check_manifest_entry(e: object, i: int, version: int) -> None:
         _ensure(e.get("store") == store, f"{name}: {dtype} passthrough must be stored as {store}")
         keys = {"name", "shape", "dtype", "kind", "store", "data"}
     else:
-        _ensure(kind in ("gptq", "rtn"), f"{name}: unknown kind {kind!r}")
+        kinds = ("gptq", "rtn", *(_PGQ_LOWBIT_KINDS if version >= 3 else ()))
+        _ensure(kind in kinds, f"{name}: unknown kind {kind!r} for format version {version}")
         _ensure(len(shape) == 2 and getattr(torch, dtype).is_floating_point, f"{name}: quantized tensors are 2-D floats")
-        _ensure(_is_count(e.get("bits"), 2, 8), f"{name}: bits must be 2..8, got {e.get('bits')!r}")
+        if kind in _PGQ_LOWBIT_KINDS:
+            want = 1 if kind == "sign" else 2
+            _ensure(e.get("bits") == want and not isinstance(e.get("bits"), bool),
+                    f"{name}: {kind} bits must be {want}, got {e.get('bits')!r}")
+        else:
+            _ensure(_is_count(e.get("bits"), 2, 8), f"{name}: bits must be 2..8, got {e.get('bits')!r}")
         keys = {"name", "shape", "dtype", "kind", "bits", "codes", "scale"}
-        if version >= 2 and "lqer" in e:
+        if version >= 2 and "lqer" in e and kind not in _PGQ_LOWBIT_KINDS:
             keys.add("lqer")
             f = e["lqer"]
             _ensure(isinstance(f, dict), f"{name}: lqer is not an object")
@@ -333,6 +361,9 @@ def parse_artifact(blob: bytes, max_decompressed_bytes: int = ARTIFACT_MAX_BYTES
         _ensure(all(e[k] == v for k, v in s.items()), f"{e['name']}: offsets/lengths disagree with its shape and dtype")
     _ensure(payload_bytes <= max_decompressed_bytes,
             f"payload of {payload_bytes:,} bytes exceeds the cap of {max_decompressed_bytes:,} bytes")
+    unpacked = sum(math.prod(e["shape"]) for e in m["tensors"] if e["kind"] in _PGQ_LOWBIT_KINDS)
+    _ensure(unpacked <= max_decompressed_bytes,  # packed codes unpack to one int8 each: bound that memory too
+            f"sign/ternary codes unpack to {unpacked:,} bytes, over the cap of {max_decompressed_bytes:,} bytes")
     if m["codec"] == "rans":
         raw = _rans_payload(m, payload, spans, codes_bytes, payload_bytes)
     else:
@@ -351,6 +382,16 @@ def parse_artifact(blob: bytes, max_decompressed_bytes: int = ARTIFACT_MAX_BYTES
         if e["kind"] == "passthrough":
             data = tensor(s["data"], getattr(torch, e["store"]), e["shape"])
             out.append(QTensor(e["name"], shape, e["dtype"], "passthrough", data=data))
+            continue
+        if e["kind"] in _PGQ_LOWBIT_KINDS:
+            packed = raw[s["codes"][0]:s["codes"][0] + s["codes"][1]]
+            try:
+                flat = (unpack_signs if e["kind"] == "sign" else unpack_trits)(packed, math.prod(shape))
+            except ValueError as err:
+                raise ArtifactError(f"{e['name']}: {err}") from None
+            codes = torch.from_numpy(flat).reshape(shape)
+            out.append(QTensor(e["name"], shape, e["dtype"], e["kind"], e["bits"], codes,
+                               tensor(s["scale"], torch.float16, [scale_count(e["kind"], shape)])))
             continue
         codes = tensor(s["codes"], torch.int8, e["shape"])
         clip_range = 2 ** (e["bits"] - 1) - 1

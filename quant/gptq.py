@@ -9,10 +9,12 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
+from quant.lowbit import sign_quantize, ternary_quantize
 from quant.lqer import LQERFactors, lqer_correction, lqer_factors
 from quant.sdclip import quantize_rtn, sdclip_scale
 
 __all__ = [
+    "LOWBIT_ROLES",
     "ROLES",
     "QTensor",
     "accumulate_hessian",
@@ -89,9 +91,10 @@ def gptq_quantize_weight(w: Tensor, H: Tensor, scale: Tensor, clip_range: int, b
 class QTensor:
     """One entry of a quantized state dict: either codes (int8 [rows, cols]) + scale (fp16 [rows]), or passthrough data.
 
-    `kind` is "gptq", "rtn" or "passthrough"; `bits` is the code width (0 for passthrough); `dtype` names the original
-    dtype restored by `dequantize`; `data` holds passthrough values (fp16 for floats, the original dtype otherwise);
-    `lqer` holds the optional low-rank correction of a quantized matrix (quant/lqer.py).
+    `kind` is "gptq", "rtn", "sign" (codes ±1, bits 1), "ternary" (codes -1/0/1, bits 2) or "passthrough"; `bits` is
+    the code width (0 for passthrough); `dtype` names the original dtype restored by `dequantize`; `data` holds
+    passthrough values (fp16 for floats, the original dtype otherwise); `lqer` holds the optional low-rank correction
+    of a gptq/rtn matrix (quant/lqer.py). Sign and ternary codes are int8 in memory, bit-/trit-packed on disk.
     """
 
     name: str
@@ -105,7 +108,8 @@ class QTensor:
     lqer: LQERFactors | None = None
 
 
-ROLES = ("embed", "attn", "mlp", "matrix")  # quantization roles of matrices; the caller assigns them (no name rules)
+ROLES = ("embed", "attn", "mlp", "matrix", "sign", "ternary")  # quantization roles of matrices; the caller assigns them
+LOWBIT_ROLES = {"sign": sign_quantize, "ternary": ternary_quantize}  # role = kind; codes from the weight alone
 
 
 def _check_bits(what: str, bits: int) -> None:
@@ -143,7 +147,9 @@ def quantize_state_dict(
     mlp -> mlp_bits / mlp_clip_sigmas; matrix -> matrix_bits / matrix_clip_sigmas. An attn or mlp value left None
     falls back to the matrix value (per-role sigmas: record N, e.g. int7 embeddings at 14-15σ, MLP 11.5-12σ, attention
     13σ, other matrices 12.85σ). The embedding is GPTQ'd as the tied output head: rows = vocab, Hessian of the final
-    hidden states (PR #1493).
+    hidden states (PR #1493). Roles "sign" and "ternary" (quant/lowbit.py) ignore bits, sigmas and Hessians: 1-bit
+    signs (one fp16 mean |w| scale per tensor) or absmean ternary codes (one per row), for weights the model's forward
+    already uses at that precision (experiments/pm1.py); they never get LQER.
 
     LQER (`lqer_rank` > 0 and `lqer_top_k` > 0): the `lqer_top_k` quantized tensors with the largest residual
     ‖W − q·s‖_F get a rank-`lqer_rank` INT2/INT4 correction with INT4 groups of `lqer_group` (quant/lqer.py).
@@ -191,6 +197,11 @@ def quantize_state_dict(
             out.append(QTensor(name, tuple(t.shape), dtype, "passthrough", data=data.cpu().clone().contiguous()))
             continue
         role = roles[name] if roles is not None else ("embed" if name in embed_names else "matrix")
+        if role in LOWBIT_ROLES:
+            codes, scale = LOWBIT_ROLES[role](t)
+            out.append(QTensor(name, tuple(t.shape), dtype, role, 1 if role == "sign" else 2, codes.cpu().contiguous(),
+                               scale.cpu()))
+            continue
         bits = bits_of[role]
         clip_range = 2 ** (bits - 1) - 1
         scale = sdclip_scale(t, sigmas_of[role], clip_range)
@@ -228,11 +239,15 @@ def dequantize(qtensors: list[QTensor]) -> dict[str, Tensor]:
     return out
 
 
+LOWBIT_LABELS = {"sign": "sign (1-bit)", "ternary": "ternary (1.6-bit)"}  # describe(): ternary is log2(3) ~ 1.58 bits
+
+
 def describe(qtensors: list[QTensor]) -> list[str]:
     """Upstream's `Quantized weights:` lines, one per category, names with layer indices collapsed, sorted unique."""
     groups: dict[str, set[str]] = {}
     for qt in qtensors:
         label = (f"passthrough ({str(qt.data.dtype).removeprefix('torch.')})" if qt.kind == "passthrough"
+                 else LOWBIT_LABELS[qt.kind] if qt.kind in LOWBIT_LABELS
                  else f"{qt.kind} (int{qt.bits})" + (f" + lqer (rank {qt.lqer.rank})" if qt.lqer is not None else ""))
         groups.setdefault(label, set()).add(re.sub(r"\.\d+(?=\.|$)", "", qt.name))
     return [f"{label}: {', '.join(sorted(names))}" for label, names in sorted(groups.items())]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import zlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -102,3 +103,29 @@ def test_features_bench_quick_run_times_every_arm(capsys) -> None:
             ratio = float(cell.split()[0])
             assert math.isfinite(ratio) and ratio > 0, r
     assert "**CPU train step time / P's model" in out
+
+
+def _fake_run(tmp_path: Path, name: str, steps: int, pre: float, quant: float, log_text: str = "") -> object:
+    from bench.common import TrainerRun
+
+    log = tmp_path / f"{name}.txt"
+    log.write_text(log_text)
+    summary = dict(steps=steps, model_params=1000, bytes_model=250, bytes_total=300, log=str(log),
+                   config=dict(train_batch_tokens=100), time_ledger=[dict(phase="train_loop", seconds=1.0)],
+                   evals={"pre-quantization post-ema": dict(val_bpb=pre), "quantized": dict(val_bpb=quant)})
+    return TrainerRun(tmp_path / name, summary, {}, 1.0)
+
+
+def test_experiments_bench_reads_gate_lines_and_differences_each_doubling(tmp_path: Path) -> None:
+    """The sweep's per-doubling deltas are each run minus the run with half its steps (not minus the first run), and
+    the hybrid's gate trajectory comes from its `hybrid_gate` log lines only."""
+    from bench.experiments import bits_per_param, gate_trajectory, sweep_table
+
+    runs = [_fake_run(tmp_path, f"s{s}", s, 3.0, q) for s, q in ((10, 3.0), (20, 2.9), (40, 2.85))]
+    table, heads = sweep_table({"pm1": runs})
+    assert heads == ["pm1 -0.1000, -0.0500"], heads
+    assert "+0.0000" not in table and "-0.0500" in table
+    assert bits_per_param(runs[0]) == 2.0  # 250 bytes x 8 / 1000 params
+    log = _fake_run(tmp_path, "h", 5, 3.0, 3.0, "train step:2 x:1\nhybrid_gate step:2 layer:0 mean:0.5100 codes:3/16\n"
+                    "note hybrid_gate step:9 layer:0 mean:0.9\nhybrid_gate step:4 layer:0 mean:0.4800 codes:5/16\n")
+    assert gate_trajectory(Path(log.summary["log"])) == [(2, 0.51), (4, 0.48)]

@@ -335,3 +335,16 @@ def test_timestamp_takes_one_space_only() -> None:
     assert clean_line("1776142356.274   adam_eps: 1e-08") == "  adam_eps: 1e-08"
     assert clean_line("1776142356 quantized val_loss:2.0 val_bpb:1.1\r") == "quantized val_loss:2.0 val_bpb:1.1"
     assert clean_line("  adam_eps: 1e-08") == "  adam_eps: 1e-08"
+
+
+def test_forced_gate_scores_are_never_the_submitted_score() -> None:
+    """The hybrid experiment's forced-gate scores evaluate the artifact with its gate overridden: not submittable,
+    wherever they sit in the log."""
+    from tools.log_lines import submittable
+    from tools.log_parser import select_final
+
+    assert not submittable("quantized_gate1") and not submittable("quantized_gate0")
+    assert submittable("quantized") and submittable("quantized_ttt_phased")
+    evals = {lab: dict(val_bpb=b, order=i) for i, (lab, b) in enumerate(
+        (("quantized", 2.4), ("quantized_ttt_phased", 2.3), ("quantized_gate1", 2.9), ("quantized_gate0", 2.7)))}
+    assert select_final(dict(evals=evals))[0] == "quantized_ttt_phased"

@@ -285,9 +285,9 @@ def test_rejects_bit_flips(good_blob: bytes) -> None:
 
 
 def test_rejects_wrong_version_and_magic(good_blob: bytes) -> None:
-    for v in (0, 3, 255):
+    for v in (0, 4, 255):
         msg = rejects(good_blob[:3] + bytes([v]) + good_blob[4:])
-        assert msg == f"artifact format version {v}; this loader reads versions 1, 2"
+        assert msg == f"artifact format version {v}; this loader reads versions 1, 2, 3"
     rejects(b"PK\x03" + good_blob[3:], "bad magic")
 
 

@@ -145,7 +145,7 @@ def test_rebuild_is_byte_identical(record: Path) -> None:
     sources = parse_log(read_log(record / "train_seed1.log"))["sources"]
     assert set(sources) == {"train_gpt.py", "data/__init__.py", "data/shards.py", "evals/__init__.py",
                             "evals/phased_ttt.py", "quant/__init__.py", "quant/codec.py", "quant/gptq.py",
-                            "quant/lqer.py", "quant/pack.py", "quant/rans.py", "quant/sdclip.py"}
+                            "quant/lowbit.py", "quant/lqer.py", "quant/pack.py", "quant/rans.py", "quant/sdclip.py"}
     readable = inline_modules(sources)
     assert readable == (record / "train_gpt_readable.py").read_text()
     assert "# ---- data/shards.py" in readable and "class DocumentPackingLoader:" in readable

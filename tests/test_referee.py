@@ -604,3 +604,12 @@ def test_an_interpreter_under_tmp_is_bound_into_the_sandbox(tmp_path: Path, monk
     tmpfs = cmd.index("--tmpfs")
     binds = [cmd[i + 1] for i, a in enumerate(cmd) if a == "--ro-bind" and i > tmpfs]
     assert str(venv) in binds and "/usr/lib" not in binds  # only what the empty /tmp hides
+
+
+def test_sys_modules_of_this_module_is_not_dynamic() -> None:
+    """A packed experiment binds `train_gpt = sys.modules[__name__]` (the file itself): no finding; a computed or a
+    risky module key still is one."""
+    kinds = lambda src: [f.kind for f in scan_script(src, set()).findings]
+    assert "dynamic" not in kinds("import sys\ntrain_gpt = sys.modules[__name__]\n")
+    assert "dynamic" in kinds("import sys\nname = 'x'\nm = sys.modules[name]\n")
+    assert "dynamic" in kinds("import sys\nsys.modules['subprocess'].run(['true'])\n")

@@ -38,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="output folder (default: records/track_<track>/<date>_<Slug>/); must not exist")
     ap.add_argument("--upstream", action="store_true",
                     help="upstream PR layout: no readable twin and no artifacts in the folder")
+    ap.add_argument("--smoke-env", action="append", default=[], metavar="KEY=VALUE",
+                    help="a Config field for the smoke run only (repeatable), e.g. an experiment's size")
     args = ap.parse_args(argv)
     try:
         build(BuildOptions(**vars(args)))

@@ -17,6 +17,7 @@ from torch import Tensor
 import train_gpt
 from data.shards import BOS_ID
 from evals import phased_ttt
+from tools import experiment_entry
 
 EvalFn = Callable[[Tensor], tuple[Tensor, Tensor]]  # tokens -> (float64 loss per target, times each was scored)
 Scored = tuple[Tensor, Tensor]  # (target indices [K], the logits they were scored from [K, vocab])
@@ -288,7 +289,9 @@ def default_cuts(num_targets: int, seq_len: int, stride: int) -> list[tuple[str,
 
 
 def load_config(config_path: Path | None, artifact: Path) -> tuple[train_gpt.Config, str]:
-    """The run's Config: --config, else run_summary.json beside the artifact, else the environment."""
+    """The run's Config: --config, else run_summary.json beside the artifact, else the environment. A run of an
+    experiment entry script (its log names experiments/<name>.py) gets that entry's Config class; the model is then
+    loaded with the entry's classes (load_model_fn)."""
     path = config_path or (artifact.parent / "run_summary.json")
     if config_path is None and not path.is_file():
         try:
@@ -301,22 +304,31 @@ def load_config(config_path: Path | None, artifact: Path) -> tuple[train_gpt.Con
         raw = json.loads(path.read_text())["config"]
     except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
         raise CheckError(f"{path}: not a run_summary.json with a \"config\" object") from None
-    known = {f.name for f in dataclasses.fields(train_gpt.Config)}
-    if not isinstance(raw, dict) or (unknown := sorted(set(raw) - known)):
-        raise CheckError(f"{path}: config keys unknown to this train_gpt.py: {unknown}")
     try:
-        cfg = train_gpt.Config(**raw)
+        found = experiment_entry.run_entry(path)
+        cls = experiment_entry.load_entry(found[0]).PATCHES["Config"] if found else train_gpt.Config
+    except experiment_entry.EntryError as e:
+        raise CheckError(str(e)) from None
+    known = {f.name for f in dataclasses.fields(cls)}
+    if not isinstance(raw, dict) or (unknown := sorted(set(raw) - known)):
+        hint = "" if found or experiment_entry.run_log(path) else (" (an experiment's run? its log, which names the "
+                                                                     "entry script, is not beside run_summary.json)")
+        raise CheckError(f"{path}: config keys unknown to {found[0] if found else 'this train_gpt.py'}: {unknown}{hint}")
+    try:
+        cfg = cls(**raw)
     except (TypeError, ValueError) as e:
         raise CheckError(f"{path}: {e}") from None
     missing = sorted(known - set(raw))
-    return cfg, str(path) + (f" (defaults for {', '.join(missing)})" if missing else "")
+    entry = f", entry {found[0]}" if found else ""
+    return cfg, str(path) + entry + (f" (defaults for {', '.join(missing)})" if missing else "")
 
 
 def load_model_fn(artifact: Path, cfg: train_gpt.Config) -> Callable[[], train_gpt.GPT]:
     """A loader of fresh models from the artifact; fails early (CheckError) if the artifact does not fit cfg."""
 
     def load() -> train_gpt.GPT:
-        return train_gpt.load_quantized_model(artifact, cfg, CPU)
+        with experiment_entry.installed_for(cfg):  # an experiment's config loads the experiment's model
+            return train_gpt.load_quantized_model(artifact, cfg, CPU)
 
     try:
         load()

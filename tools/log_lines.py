@@ -120,8 +120,9 @@ KV = re.compile(r"(\w+):(\S+)")
 RUNNING = re.compile(r"^Running (Python|PyTorch) (\S+)")
 # nvidia-smi table row: `|   0  NVIDIA H100 80GB HBM3          On  |   00000000:18:00.0 Off |  ...`
 GPU_ROW = re.compile(r"^\|\s+\d+\s+(.+?)\s{2,}(?:On|Off)\s+\|")
-# Labels of scores that are not the artifact's: the float model before quantization, and declared diagnostics.
-NOT_SUBMITTABLE = re.compile(r"^diagnostic\b|pre[-_ ]?quant|post[-_ ]ema(?!.*quant)", re.I)
+# Labels of scores that are not the artifact's: the float model before quantization, declared diagnostics, and the
+# hybrid experiment's forced-gate scores (quantized_gate1 / quantized_gate0: the model with its gate overridden).
+NOT_SUBMITTABLE = re.compile(r"^diagnostic\b|pre[-_ ]?quant|post[-_ ]ema(?!.*quant)|_gate[01]$", re.I)
 
 
 def clean_line(line: str) -> str:

@@ -10,6 +10,7 @@ projected artifact size; the real-steps check runs only for models small enough 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import platform
 import shutil
@@ -155,7 +156,7 @@ def real_steps(cfg: Config, rt: train_gpt.Runtime, steps: int = 3) -> list[Check
         if params > CPU_REAL_STEPS_MAX_PARAMS:
             return [Check("real steps", None, f"{params:,} parameters: real steps at full size need the GPU machine")]
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = Config(**{**cfg.__dict__, "out_dir": tmp, "gptq_calibration_batches": 1, "warmup_steps": 0})
+        cfg = dataclasses.replace(cfg, out_dir=tmp, gptq_calibration_batches=1, warmup_steps=0)  # keeps cfg's class
         t = time.perf_counter()
         try:
             run = train_gpt.Run(cfg, rt)

@@ -6,6 +6,10 @@ the working tree: all seeds must have run identical code. data/shards.py and qua
 (record_pack), the packed file scanned statically and then run on a tiny CPU config inside the sandbox (record_smoke;
 skipped with a warning where no sandbox exists: the code is never run unsandboxed). Only then are bytes counted and
 the folder written, atomically (built beside the target, then renamed into place).
+
+An experiment run (experiments/<name>.py, the entry script) packs the same way: the entry is appended to the inlined
+train_gpt.py (record_pack), the smoke run gets the run's own values of the experiment's added Config fields and must
+log them, and submission.json / README.md name the entry (docs/records.md "Packing experiments").
 """
 
 from __future__ import annotations
@@ -22,8 +26,18 @@ from pathlib import Path
 from tools import sandbox
 from tools.record_docs import readme, submission
 from tools.record_folder import TRACKS
-from tools.record_pack import RecordError, check_equivalent, inline_modules, pack
-from tools.record_runs import common_sources, config_defaults, config_overrides, hardware, load_run, run_from_dir
+from tools.record_pack import RecordError, check_equivalent, entry_script, inline_modules, pack
+from tools.record_runs import (
+    Run,
+    common_sources,
+    config_defaults,
+    config_overrides,
+    experiment_config,
+    hardware,
+    load_run,
+    run_from_dir,
+    smoke_env_of,
+)
 from tools.record_smoke import smoke_run
 from tools.records_index import update_index
 from tools.script_scan import scan_script
@@ -47,6 +61,7 @@ class BuildOptions:
     date: str = field(default_factory=lambda: dt.date.today().isoformat())
     out: Path | None = None
     upstream: bool = False
+    smoke_env: list[str] = field(default_factory=list)  # KEY=VALUE settings of the smoke run (an experiment's sizes)
 
 
 def slug(name: str) -> str:
@@ -92,6 +107,20 @@ def _validate(opts: BuildOptions) -> list[tuple[Path, Path]]:
     return pairs
 
 
+def _smoke_settings(opts: BuildOptions, run: Run, fields: set[str], added: list[str]) -> dict:
+    """smoke_run's keywords beyond the packed file: an experiment's added fields at the run's own values (it must
+    log them), then --smoke-env; {} for a plain train_gpt.py record without --smoke-env."""
+    if not added and not opts.smoke_env:
+        return {}
+    env = smoke_env_of(run, added)
+    for item in opts.smoke_env:
+        key, sep, value = item.partition("=")
+        if not sep or key.lower() not in fields:
+            raise RecordError(f"--smoke-env {item!r}: use KEY=VALUE with KEY a Config field of this record")
+        env[key.upper()] = value
+    return dict(extra_env=env, expect_fields=tuple(added))
+
+
 def build(opts: BuildOptions, say=print) -> Path:
     pairs = _validate(opts)
     out = opts.out or default_out(opts.track, opts.date, opts.name)
@@ -111,6 +140,9 @@ def build(opts: BuildOptions, say=print) -> Path:
         say(f"note: the working tree differs from the logged sources in {', '.join(changed)}; "
             f"the record is built from the logs (the code that ran)")
     readable = inline_modules(sources)
+    entry = entry_script(sources)
+    if entry:
+        say(f"entry: {entry} (appended to train_gpt.py and its inlined modules; the packed file runs it)")
     packed = pack(readable)
     check_equivalent(readable, packed)
     size, readable_size = len(packed.encode("utf-8")), len(readable.encode("utf-8"))
@@ -119,17 +151,19 @@ def build(opts: BuildOptions, say=print) -> Path:
         if f.kind != "info":
             say(f"warning: line {f.line} of the packed source: {f.what} ({f.kind}); the sandboxed run decides")
     defaults = config_defaults(readable)
+    added, experiment_defaults = experiment_config(readable) if entry else ([], {})
+    smoke_kw = _smoke_settings(opts, runs[0], set(defaults) | set(added), added)
     if (why := sandbox.sandbox_status()) is not None:  # never run code from a log unsandboxed
         say(f"warning: smoke run skipped, the packed file was not executed: {why}")
     else:
         with tempfile.TemporaryDirectory(prefix="pgolf_smoke_") as work:
-            smoke = smoke_run(packed, Path(work), set(defaults))
+            smoke = smoke_run(packed, Path(work), set(defaults), **smoke_kw)
         say(f"smoke run of the packed file (sandboxed: {', '.join(smoke.observation.observers)}): "
             f"{smoke.seconds:.1f} s, bytes_code:{smoke.bytes_code} bytes_model:{smoke.bytes_model} "
             f"val_bpb:{smoke.val_bpb:.4f}")
 
-    overrides = config_overrides(runs, defaults)
-    sub = submission(runs, opts, size, hw)
+    overrides = config_overrides(runs, {**defaults, **experiment_defaults})
+    sub = submission(runs, opts, size, hw, entry)
     texts = {"train_gpt.py": packed}
     copies: dict[str, Path] = {}
     if not opts.upstream:
@@ -142,7 +176,7 @@ def build(opts: BuildOptions, say=print) -> Path:
     texts["requirements.txt"] = (ROOT / "requirements.txt").read_text()
     files = ["README.md", *texts, *copies]
     world_size = runs[0].parsed["world_size"] or 8
-    texts["README.md"] = readme(sub, runs, overrides, files, readable_size, world_size)
+    texts["README.md"] = readme(sub, runs, overrides, files, readable_size, world_size, entry)
     write_folder(out, texts, copies)
     if out.resolve().is_relative_to(RECORDS.resolve()):
         update_index(RECORDS)

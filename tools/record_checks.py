@@ -110,15 +110,31 @@ def check_observation(obs: Observation | None) -> list[Row]:
     return rows
 
 
-def observe(f: Folder, opts: Options, python: str | None = None) -> Observation | None:
-    """The sandboxed run of the folder's script, under `python` when its grammar needs a newer interpreter."""
+def experiment_env(f: Folder, inner: str | None) -> dict[str, str]:
+    """A packed experiment's own settings for the sandboxed run, as the build's smoke run had them: the fields its
+    Config subclass adds, at the values the first log ran with ({} for anything else)."""
+    if inner is None or not f.logs:
+        return {}
+    from tools.record_runs import Run, experiment_config, smoke_env_of
+    try:
+        added, _ = experiment_config(inner)
+    except RecordError:
+        return {}
+    log = f.logs[min(f.logs)]
+    return smoke_env_of(Run(f.path / log.name, f.path / log.name, log.parsed), added) if added else {}
+
+
+def observe(f: Folder, opts: Options, python: str | None = None, inner: str | None = None) -> Observation | None:
+    """The sandboxed run of the folder's script, under `python` when its grammar needs a newer interpreter; a packed
+    experiment (`inner`, the decoded source) runs with its logged settings (experiment_env)."""
     if not opts.run:
         return None
     import tempfile
 
     from tools.record_smoke import smoke_observe
     with tempfile.TemporaryDirectory(prefix="pgolf_check_") as work:
-        return smoke_observe(f.code_files(), Path(work), opts.timeout, script=str(f.script_name), python=python)
+        return smoke_observe(f.code_files(), Path(work), opts.timeout, script=str(f.script_name), python=python,
+                             extra_env=experiment_env(f, inner))
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -518,7 +534,7 @@ def check_folder(folder: Path, opts: Options | None = None) -> list[Row]:
             rows.append(Row("script name", "", f.script_problem, SCRIPT, "WARN"))
         scan = scan_script(f.script.decode("utf-8", "replace"), f.sibling_names())
         rows += check_script(scan, len(f.script)) + check_readable_twin(f, scan)
-        obs = observe(f, opts, scan.python)
+        obs = observe(f, opts, scan.python, scan.inner)
         rows += check_observation(obs)
         code, code_how = counted_code(f, scan, obs)
     totals: dict[int, int] = {}

@@ -42,7 +42,8 @@ def compliance(runs: list[Run], bytes_code: int) -> dict[str, bool | None]:
     }
 
 
-def submission(runs: list[Run], args: Any, bytes_code: int, hw: str) -> dict[str, Any]:
+def submission(runs: list[Run], args: Any, bytes_code: int, hw: str, entry: str | None = None) -> dict[str, Any]:
+    """submission.json; `entry`: the experiment entry script the runs ran (experiments/<name>.py), if any."""
     bpbs = [r.parsed["final_val_bpb"] for r in runs]
     losses = [r.parsed["final_val_loss"] for r in runs]
     arts = [r.artifact_bytes for r in runs]
@@ -56,6 +57,7 @@ def submission(runs: list[Run], args: Any, bytes_code: int, hw: str) -> dict[str
         "date": args.date,
         "track": args.track,
         "blurb": args.blurb or args.name,
+        **({"entry": entry} if entry else {}),
         "val_bpb": _r(bpb),
         "val_bpb_std": _r(bpb_std),
         "val_loss": _r(loss),
@@ -105,8 +107,15 @@ def included_files_section(files: list[str]) -> str:
     return "## Included files\n\n" + "\n".join(lines) + "\n"
 
 
+def _entry_note(entry: str | None) -> list[str]:
+    if not entry:
+        return []
+    return ["", f"Entry: `{entry}`, an experiment on top of pgolf's trainer. The packed `train_gpt.py` holds it with "
+            f"everything it imports (train_gpt.py, data/shards.py, evals/, quant/) in one file, and runs it."]
+
+
 def readme(sub: dict[str, Any], runs: list[Run], overrides: dict[str, str], files: list[str], readable_bytes: int,
-           world_size: int) -> str:
+           world_size: int, entry: str | None = None) -> str:
     def cell(r: Run, label: str) -> float | None:
         return r.parsed["evals"].get(label, {}).get("val_bpb")
 
@@ -122,7 +131,7 @@ def readme(sub: dict[str, Any], runs: list[Run], overrides: dict[str, str], file
            f"**val_bpb = {sub['val_bpb']:.4f} ({n}-seed mean, {std}) | {sub['bytes_total'] / 1e6:.2f} MB | "
            f"{sub['hardware']}**", "", sub["blurb"], "",
            f"Track `{sub['track']}`, {sub['date']}, by {sub['author']} (@{sub['github_id']}). "
-           f"Final score: `{runs[0].parsed['final_label']}`.", "", "## Results", "",
+           f"Final score: `{runs[0].parsed['final_label']}`.", *_entry_note(entry), "", "## Results", "",
            "| Seed | Steps | ms/step | " + " | ".join(c[1] for c in cols) + " | Artifact bytes |",
            "|---:|---:|---:|" + "---:|" * len(cols) + "---:|"]
     for r in runs:
@@ -168,5 +177,8 @@ def readme(sub: dict[str, Any], runs: list[Run], overrides: dict[str, str], file
         out += ["", "These runs used env overrides: the record's Config defaults differ from what ran. "
                 "To rerun exactly what was measured:", "", "```bash",
                 f"{env} SEED={runs[0].seed} torchrun --standalone --nproc_per_node={world_size} train_gpt.py", "```"]
+    if entry:
+        out += ["", f"From a pgolf checkout the same code runs as the entry script: `SEED={runs[0].seed} torchrun "
+                f"--standalone --nproc_per_node={world_size} {entry}`."]
     out += ["", included_files_section(files)]
     return "\n".join(out)

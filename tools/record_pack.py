@@ -1,6 +1,7 @@
-"""Inline the local modules train_gpt.py imports (data/shards.py, evals/, quant/) into it, pack the result into the
-self-extracting 2-line script, unpack it again, and compare sources modulo docstrings and annotations
-(docs/records.md "Packing").
+"""Inline the local modules train_gpt.py imports (data/shards.py, evals/, quant/) into it, append an experiment's
+entry script (experiments/<name>.py) when the run was one, pack the result into the self-extracting 2-line script,
+unpack it again, and compare sources modulo docstrings and annotations (docs/records.md "Packing", "Packing
+experiments").
 
 The packed form is PR #1394's lineage: AST without docstrings (and without function-signature annotations when nothing
 reads them), ast.unparse, raw LZMA2 + base85 inside `exec(L.decompress(B.b85decode("...")...))`.
@@ -16,10 +17,12 @@ import lzma
 import re
 import sys
 import tokenize
+from collections.abc import Iterable
 
 MARKERS = ("# >>> inline local modules", "# <<< inline local modules")
 LEGACY_MARKERS = ("# >>> inline quant", "# <<< inline quant")  # logs of runs from before data/shards.py was a module
 LOCAL_PACKAGES = ("data", "evals", "quant")  # repo packages whose modules a run logs and a record inlines
+ENTRY_PACKAGE = "experiments"  # entry scripts: experiments/<name>.py runs instead of train_gpt.py and imports it
 # The self-extracting wrapper of record P (PR #1394 lineage): raw LZMA2 saves the xz container's ~60 bytes.
 WRAP_HEAD = 'import lzma as L,base64 as B\nexec(L.decompress(B.b85decode("'
 WRAP_TAIL = '"),format=L.FORMAT_RAW,filters=[{"id":L.FILTER_LZMA2}]))\n'
@@ -129,6 +132,29 @@ def format_imports(plain: set[tuple[str, str | None]], froms: dict[str, set[tupl
     return "\n\n".join("\n".join(g) for g in groups if g)
 
 
+class _ImportBlock:
+    """The merged top-level imports of the files put into one module (a name bound twice must mean one thing)."""
+
+    def __init__(self) -> None:
+        self.plain: set[tuple[str, str | None]] = set()
+        self.froms: dict[str, set[tuple[str, str | None]]] = {}
+        self.bound: dict[str, tuple[str, str]] = {}  # imported name -> (target, file)
+
+    def add(self, node: ast.Import | ast.ImportFrom, where: str) -> None:
+        for name, target in _bound_imports(node).items():
+            if name in self.bound and self.bound[name][0] != target:
+                raise RecordError(f"import clash: {where} binds {name} to {target}, {self.bound[name][1]} to "
+                                  f"{self.bound[name][0]}")
+            self.bound[name] = (target, where)
+        if isinstance(node, ast.Import):
+            self.plain.update((a.name, a.asname) for a in node.names)
+        else:
+            self.froms.setdefault(node.module, set()).update((a.name, a.asname) for a in node.names)
+
+    def text(self) -> str:
+        return format_imports(self.plain, self.froms)
+
+
 def _module_order(mods: dict[str, ast.Module]) -> list[str]:
     """Local module files in dependency order (a module after every local module it imports from); ties by name.
     A module may import only `from <package>.<module> import name` of another inlined module, and never train_gpt."""
@@ -177,6 +203,16 @@ def _check_init(name: str, src: str) -> None:
 
 
 def inline_modules(sources: dict[str, str]) -> str:
+    """The readable single-file program of a run's logged sources: train_gpt.py with its local modules inlined
+    (`_inline_local`), then, for an experiment run, its entry script appended in place of train_gpt.py's
+    `if __name__ == "__main__":` block (`_append_entry`)."""
+    entry = entry_script(sources)
+    if entry is None:
+        return _inline_local(sources)
+    return _append_entry(_inline_local({n: s for n, s in sources.items() if n != entry}), entry, sources[entry])
+
+
+def _inline_local(sources: dict[str, str]) -> str:
     """The readable single-file train_gpt.py: the logged local modules (data/*.py, evals/*.py, quant/*.py; not __init__)
     inlined at the marked import block in dependency order, their imports hoisted and merged into train_gpt.py's
     import block, the local-module imports and `__all__` dropped."""
@@ -233,22 +269,9 @@ def inline_modules(sources: dict[str, str]) -> str:
         _check_init(name, local_files.pop(name))
     mods = {n: _parse(s, n) for n, s in local_files.items()}
     order = _module_order(mods)
-    plain: set[tuple[str, str | None]] = set()
-    froms: dict[str, set[tuple[str, str | None]]] = {}
-    bound: dict[str, tuple[str, str]] = {}  # imported name -> (target, file)
-
-    def add_import(node: ast.Import | ast.ImportFrom, where: str) -> None:
-        for name, target in _bound_imports(node).items():
-            if name in bound and bound[name][0] != target:
-                raise RecordError(f"import clash: {where} binds {name} to {target}, {bound[name][1]} to {bound[name][0]}")
-            bound[name] = (target, where)
-        if isinstance(node, ast.Import):
-            plain.update((a.name, a.asname) for a in node.names)
-        else:
-            froms.setdefault(node.module, set()).update((a.name, a.asname) for a in node.names)
-
+    imports = _ImportBlock()
     for node in head:
-        add_import(node, "train_gpt.py")
+        imports.add(node, "train_gpt.py")
     main_rest = [n for n in tree.body if n.lineno > e]
     defined = {name: "train_gpt.py" for name in _top_level_names(main_rest)}
     chunks: list[str] = []
@@ -269,7 +292,7 @@ def inline_modules(sources: dict[str, str]) -> str:
                 if _imports_of(node, LOCAL_PACKAGES):
                     needs += [(a.name, _local_file(node.module), fname) for a in node.names]
                 elif not (isinstance(node, ast.ImportFrom) and node.module == "__future__"):
-                    add_import(node, fname)
+                    imports.add(node, fname)
             elif not is_all:
                 kept_nodes.append(node)
                 continue
@@ -290,14 +313,117 @@ def inline_modules(sources: dict[str, str]) -> str:
         where = defined.get(name, "train_gpt.py")
         if not (where == _local_file(module) or where.startswith(module + "/")):
             raise RecordError(f"train_gpt.py imports `{name}` from {module} but no inlined {module} module defines it")
-    clash = sorted(set(defined) & set(bound))
+    clash = sorted(set(defined) & set(imports.bound))
     if clash:
         raise RecordError(f"name clash: `{clash[0]}` is both imported and defined at top level ({defined[clash[0]]})")
 
     inlined = (f"{mark_begin}: {', '.join(order)} (inlined by tools/build_record.py)\n\n"
                + "\n\n\n".join(chunks) + f"\n\n\n{mark_end}")
-    out = lines[:first_import - 1] + [format_imports(plain, froms), "", inlined] + lines[e:]
+    out = lines[:first_import - 1] + [imports.text(), "", inlined] + lines[e:]
     text = "\n".join(out) + "\n"
+    _parse(text, "train_gpt_readable.py")
+    return text
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# an experiment's entry script (experiments/<name>.py) appended to the inlined train_gpt.py
+# -----------------------------------------------------------------------------------------------------------------
+
+ENTRY_MODULE_LINE = "train_gpt = sys.modules[__name__]  # packed: train_gpt is this very file"
+
+
+def entry_script(names: Iterable[str]) -> str | None:
+    """The one logged experiments/<name>.py (the run's entry script), or None for a plain train_gpt.py run."""
+    under = sorted(n for n in names if n.split("/")[0] == ENTRY_PACKAGE)
+    bad = [n for n in under if n.count("/") != 1 or not n.endswith(".py") or n.endswith("/__init__.py")]
+    if bad:
+        raise RecordError(f"logged source {bad[0]} is not an entry script: only {ENTRY_PACKAGE}/<name>.py is packed "
+                          f"(a run logs its entry file alone)")
+    if len(under) > 1:
+        raise RecordError(f"two entry scripts among the logged sources ({', '.join(under)}); a record packs one")
+    return under[0] if under else None
+
+
+def _is_main_guard(node: ast.stmt) -> bool:
+    return isinstance(node, ast.If) and ast.unparse(node.test) in ("__name__ == '__main__'", "'__main__' == __name__")
+
+
+def _has_future_annotations(tree: ast.Module) -> bool:
+    return any(isinstance(n, ast.ImportFrom) and n.module == "__future__" and any(a.name == "annotations" for a in n.names)
+               for n in tree.body)
+
+
+def _entry_imports(tree: ast.Module, entry: str) -> list[ast.Import | ast.ImportFrom]:
+    """The entry's top-level imports to hoist (not `__future__`, not `import train_gpt`). An entry reaches train_gpt
+    and its modules only through one top-level, unaliased `import train_gpt`."""
+    local = (ENTRY_PACKAGE, "train_gpt", *LOCAL_PACKAGES)
+    for node in ast.walk(tree):
+        relative = isinstance(node, ast.ImportFrom) and node.level > 0
+        if relative or any(m.split(".")[0] in local for m in _imported_modules(node)):
+            plain = isinstance(node, ast.Import) and [(a.name, a.asname) for a in node.names] == [("train_gpt", None)]
+            if relative or not plain or node not in tree.body:
+                raise RecordError(f"{entry} line {node.lineno}: `{ast.unparse(node)}` cannot be packed (an entry "
+                                  f"script reaches the trainer only through a top-level `import train_gpt`, as "
+                                  f"`train_gpt.<name>`)")
+    return [n for n in tree.body if isinstance(n, ast.Import | ast.ImportFrom) and not _imports_of(n, ("train_gpt",))
+            and not (isinstance(n, ast.ImportFrom) and n.module == "__future__")]
+
+
+def _append_entry(base: str, entry: str, src: str) -> str:
+    """The inlined train_gpt.py without its final `if __name__ == "__main__":` block, then the entry script: its
+    docstring as a comment header, its imports merged into the import block (with `import sys`), `import train_gpt`
+    as `train_gpt = sys.modules[__name__]`, its body, and its own `if __name__ == "__main__":` block last."""
+    tree, etree = _parse(base, "train_gpt.py"), _parse(src, entry)
+    if not tree.body or not _is_main_guard(tree.body[-1]):
+        raise RecordError('train_gpt.py does not end with an `if __name__ == "__main__":` block (the entry script\'s '
+                          'replaces it)')
+    if not etree.body or not _is_main_guard(etree.body[-1]):
+        raise RecordError(f'{entry} does not end with an `if __name__ == "__main__":` block (an entry script must)')
+    if _has_future_annotations(tree) and not _has_future_annotations(etree):
+        raise RecordError(f"{entry} lacks `from __future__ import annotations` (packed into train_gpt.py, which has "
+                          f"it, its annotations would change meaning)")
+    hoisted = _entry_imports(etree, entry)
+    uses_trainer = any(_imports_of(n, ("train_gpt",)) for n in etree.body)
+
+    # train_gpt.py's import block: the top-level imports right after its docstring and `from __future__`
+    i = 1 if _is_docstring(tree.body[0]) else 0
+    while i < len(tree.body) and isinstance(tree.body[i], ast.ImportFrom) and tree.body[i].module == "__future__":
+        i += 1
+    j = i
+    while j < len(tree.body) and isinstance(tree.body[j], ast.Import | ast.ImportFrom):
+        j += 1
+    if i == j:
+        raise RecordError("train_gpt.py has no import block after its docstring (the entry's imports merge into it)")
+    imports = _ImportBlock()
+    for node in tree.body[i:j]:
+        imports.add(node, "train_gpt.py")
+    theirs = _top_level_names(tree.body[j:-1]) | set(imports.bound)  # the guard block is dropped
+    imports.add(ast.Import(names=[ast.alias("sys")]), "the packer (train_gpt = sys.modules[__name__])")
+    for node in hoisted:
+        imports.add(node, entry)
+        if clash := sorted(set(_bound_imports(node)) & _top_level_names(tree.body[j:-1])):
+            raise RecordError(f"name clash: {entry} imports `{clash[0]}`, which train_gpt.py (with its inlined "
+                              f"modules) defines at top level; import it under another name")
+    body = [n for k, n in enumerate(etree.body) if not (k == 0 and _is_docstring(n))
+            and not isinstance(n, ast.Import | ast.ImportFrom)]
+    mine = _top_level_names(body) | ({"train_gpt"} if uses_trainer else set())
+    if clash := sorted(mine & theirs):
+        raise RecordError(f"name clash: {entry} defines `{clash[0]}` at top level and so does train_gpt.py (with its "
+                          f"inlined modules); rename it in the entry (a record is one namespace)")
+
+    drop: set[int] = set()
+    for k, node in enumerate(etree.body):
+        if (k == 0 and _is_docstring(node)) or isinstance(node, ast.Import | ast.ImportFrom):
+            drop.update(range(node.lineno, node.end_lineno + 1))
+    doc = etree.body[0].value.value if _is_docstring(etree.body[0]) else ""
+    kept = "\n".join(line for n, line in enumerate(_src_lines(src), 1) if n not in drop)
+    kept = re.sub(r"\n{3,}", "\n\n\n", kept).strip("\n")
+    header = f"# ---- {entry} (the entry script)" + "".join(f"\n# {line}".rstrip() for line in doc.strip().splitlines())
+    lines = _src_lines(base)
+    start, end = tree.body[i].lineno, tree.body[j - 1].end_lineno
+    trainer = "\n".join(lines[:start - 1] + [imports.text()] + lines[end:tree.body[-1].lineno - 1]).rstrip()
+    own = f"{ENTRY_MODULE_LINE}\n\n\n" if uses_trainer else ""
+    text = f"{trainer}\n\n\n{header}\n\n{own}{kept}\n"
     _parse(text, "train_gpt_readable.py")
     return text
 

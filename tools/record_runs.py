@@ -92,6 +92,43 @@ def config_defaults(src: str) -> dict[str, Any]:
     return out
 
 
+def _literal_fields(cls: ast.ClassDef) -> tuple[list[str], dict[str, Any]]:
+    """(field names, literal defaults) of a dataclass body."""
+    names, out = [], {}
+    for node in cls.body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            names.append(node.target.id)
+            if node.value is not None:
+                with contextlib.suppress(ValueError):
+                    out[node.target.id] = ast.literal_eval(node.value)
+    return names, out
+
+
+def experiment_config(src: str) -> tuple[list[str], dict[str, Any]]:
+    """An entry script's config, read from the AST of a packed record's readable source: (the fields its Config
+    subclasses add to Config, the literal defaults they set, new or overridden). ([], {}) without such a subclass."""
+    tree = _parse(src, "train_gpt.py")
+    base = next((n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Config"), None)
+    own = set(_literal_fields(base)[0]) if base else set()
+    family, added, defaults = {"Config"}, [], {}
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node is not base and any(
+                (isinstance(b, ast.Name) and b.id in family) or ast.unparse(b) == "train_gpt.Config" for b in node.bases):
+            family.add(node.name)
+            names, values = _literal_fields(node)
+            added += [n for n in names if n not in own and n not in added]
+            defaults.update(values)
+    return added, defaults
+
+
+def smoke_env_of(run: Run, fields: list[str]) -> dict[str, str]:
+    """The run's own values of an experiment's added Config fields, as env vars for the smoke run (scalars only; a
+    field of another type keeps its default there)."""
+    hp = run.parsed["hyperparameters"]
+    return {k.upper(): (("1" if hp[k] else "0") if isinstance(hp[k], bool) else str(hp[k]))
+            for k in fields if k in hp and isinstance(hp[k], bool | int | float | str)}
+
+
 def _same_value(logged: Any, default: Any) -> bool:
     if isinstance(default, bool) or isinstance(logged, bool):
         return logged is default

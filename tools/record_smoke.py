@@ -58,12 +58,13 @@ def smoke_dataset(work: Path) -> tuple[Path, Path, int]:
 
 
 def smoke_observe(files: dict[str, bytes], work: Path, timeout: float = SMOKE_TIMEOUT_S,
-                  script: str = "train_gpt.py", python: str | None = None) -> Observation:
+                  script: str = "train_gpt.py", python: str | None = None,
+                  extra_env: dict[str, str] | None = None) -> Observation:
     """Run `script` among `files` on the tiny config in the sandbox (under `python`, default this interpreter); the
-    run directory is kept under `work`."""
+    run directory is kept under `work`. `extra_env`: an experiment's own settings (its added Config fields)."""
     data, tok, vocab = smoke_dataset(work)
-    env = base_env({**SMOKE_ENV, "DATA_PATH": str(data), "TOKENIZER_PATH": str(tok), "VOCAB_SIZE": str(vocab),
-                    "OUT_DIR": "out", "RUN_ID": "smoke"})
+    env = base_env({**SMOKE_ENV, **(extra_env or {}), "DATA_PATH": str(data), "TOKENIZER_PATH": str(tok),
+                    "VOCAB_SIZE": str(vocab), "OUT_DIR": "out", "RUN_ID": "smoke"})
     return run_sandboxed(files, env, timeout, script=script, extra_roots=[str(work)], work=work / "sandbox", keep=True,
                          python=python)
 
@@ -77,13 +78,16 @@ class SmokeResult:
     observation: Observation
 
 
-def smoke_run(packed: str, work: Path, fields: set[str]) -> SmokeResult:
+def smoke_run(packed: str, work: Path, fields: set[str], extra_env: dict[str, str] | None = None,
+              expect_fields: tuple[str, ...] = ()) -> SmokeResult:
     """Run the packed file alone on the tiny config in the sandbox; it must finish, write an artifact, log exactly
-    itself as the code that ran, and neither reach the network nor start other programs."""
+    itself as the code that ran, and neither reach the network nor start other programs. A packed experiment gets
+    `extra_env` (its own settings) and must log `expect_fields` (its added Config fields) among its Hyperparameters:
+    proof that the entry script ran, not train_gpt.py alone."""
     unknown = sorted(k for k in SMOKE_ENV if k.lower() not in fields)
     if unknown:
         raise RecordError(f"smoke config keys {unknown} are not Config fields of this train_gpt.py; update SMOKE_ENV")
-    obs = smoke_observe({"train_gpt.py": packed.encode("utf-8")}, work)
+    obs = smoke_observe({"train_gpt.py": packed.encode("utf-8")}, work, extra_env=extra_env)
     if not obs.ran:
         raise RecordError(f"cannot run the smoke test: {obs.reason} (the packed file is never run unsandboxed)")
     if obs.timed_out:
@@ -103,6 +107,9 @@ def smoke_run(packed: str, work: Path, fields: set[str]) -> SmokeResult:
     if parsed["bytes_code"] != size or parsed["sources"] != {"train_gpt.py": packed}:
         raise RecordError(f"smoke run logged bytes_code:{parsed['bytes_code']} and sources {sorted(parsed['sources'])}; "
                           f"expected the packed file alone ({size} bytes)")
+    if missing := [k for k in expect_fields if k not in parsed["hyperparameters"]]:
+        raise RecordError(f"smoke run of the packed train_gpt.py logged no {', '.join(missing)} among its "
+                          f"Hyperparameters: the experiment's Config did not run")
     if parsed["final_val_bpb"] is None or not math.isfinite(parsed["final_val_bpb"]):
         raise RecordError("smoke run of the packed train_gpt.py logged no finite final val_bpb")
     return SmokeResult(obs.seconds, size, artifact.stat().st_size, parsed["final_val_bpb"], obs)

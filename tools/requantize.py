@@ -5,6 +5,9 @@ that needs no retraining. Hessians are collected once from training batches, the
 given settings is quantized, packed and scored with the trainer's own model, loader and eval (import train_gpt).
 
     python tools/requantize.py --checkpoint out/final_model.pt --matrix-clip-sigmas 11.5 12.85 14 --embed-bits 7 8
+
+A run of an experiment entry script (experiments/<name>.py, named by the run's log) is re-quantized with that entry's
+Config, model and quantization roles installed (tools/experiment_entry.py).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from pathlib import Path
 
 import train_gpt as tg
 from quant import ARTIFACT_CODECS, ArtifactError
+from tools import experiment_entry
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,6 +52,18 @@ def main(argv: list[str] | None = None) -> int:
         if not path.is_file():
             print(f"requantize: {what} {path} not found", file=sys.stderr)
             return 2
+    try:
+        found = experiment_entry.run_entry(summary)
+        if found and (note := experiment_entry.drift(*found)):
+            print(note)
+        with experiment_entry.entry_installed(found[0] if found else None):  # tg.Config, tg.GPT ... are the entry's
+            return requantize(args, summary)
+    except experiment_entry.EntryError as e:
+        print(f"requantize: {e}", file=sys.stderr)
+        return 2
+
+
+def requantize(args: argparse.Namespace, summary: Path) -> int:
     overrides = {k: str(v) for k, v in (("data_path", args.data_dir), ("tokenizer_path", args.tokenizer)) if v}
     if args.calibration_batches:
         overrides["gptq_calibration_batches"] = args.calibration_batches

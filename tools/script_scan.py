@@ -326,7 +326,8 @@ class _Capabilities(ast.NodeVisitor):
         key = _fold(node.slice)
         target = ast.unparse(node.value)
         risky = NETWORK_MODULES | PROCESS_MODULES | DYNAMIC_MODULES | NATIVE_MODULES | {"os", "subprocess", "posix"}
-        if target == "sys.modules" and (key is None or _top(key) in risky):
+        this_module = isinstance(node.slice, ast.Name) and node.slice.id == "__name__"  # a packed entry's `train_gpt`
+        if target == "sys.modules" and not this_module and (key is None or _top(key) in risky):
             self.add(node, "dynamic", f"sys.modules[{key if key is None else repr(key)}] (a module without an import)")
         elif target in ("globals()", "vars()", "locals()", "__builtins__", "builtins.__dict__", "__builtins__.__dict__"):
             self.add(node, "dynamic", f"{target}[{key!r}]" if key else f"{target}[<computed>]")
