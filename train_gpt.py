@@ -14,6 +14,7 @@ import contextlib
 import copy
 import dataclasses
 import difflib
+import gc
 import json
 import math
 import os
@@ -1490,6 +1491,7 @@ def main() -> None:
         run(cfg, rt)
     finally:
         if dist_ready():
+            gc.collect()  # the run's reference cycles hold DDP's reducer (and its gloo work): free them before teardown
             dist.destroy_process_group()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import hashlib
 import json
 import math
@@ -18,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_MODEL
+from conftest import TINY_MODEL, TINY_TRAIN
 
 import train_gpt
 from data import shards
@@ -568,3 +569,27 @@ def test_artifact_has_record_n_quantization(tiny_run) -> None:
     roles = train_gpt.quant_roles(GPT(Config(**TINY)))
     assert roles["blocks.0.attn.proj.weight"] == "attn" and roles["blocks.3.mlp.proj.weight"] == "mlp"
     assert set(roles.values()) == {"embed", "attn", "mlp"} and len(roles) == 1 + 6 * TINY["num_layers"]
+
+
+def test_main_frees_the_run_before_process_group_teardown(tiny_dataset, tmp_path: Path, monkeypatch) -> None:
+    """A finished run leaves reference cycles (a model, its DDP hooks and, through them, the process group's pending
+    work) that only the cyclic GC frees; torn down at interpreter exit instead, gloo aborted a finished 2-rank run
+    ("terminate called without an active exception"). main() collects them before destroy_process_group."""
+    env = {k.upper(): str(v) for k, v in TINY_TRAIN.items()}
+    env.update(ITERATIONS="2", TTT_ENABLED="0", SLIDING_WINDOW_ENABLED="0", DATA_PATH=str(tiny_dataset.data_dir),
+               TOKENIZER_PATH=str(tiny_dataset.tokenizer), OUT_DIR=str(tmp_path), RUN_ID="teardown")
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    done, alive = [], []
+    real_run = train_gpt.run
+    monkeypatch.setattr(train_gpt, "run", lambda cfg, rt: (real_run(cfg, rt), done.append(True))[0])
+    monkeypatch.setattr(train_gpt, "dist_ready", lambda: bool(done))  # "distributed" once the run has returned
+    monkeypatch.setattr(train_gpt.dist, "destroy_process_group",
+                        lambda: alive.append(sum(issubclass(type(o), train_gpt.GPT) for o in gc.get_objects())))
+    gc.collect()
+    gc.disable()  # no automatic collection may do main()'s job
+    try:
+        train_gpt.main()
+    finally:
+        gc.enable()
+    assert done and alive == [0], alive
